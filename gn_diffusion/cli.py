@@ -1,0 +1,35 @@
+"""Shared command-line plumbing for train.py, sample.py and the `python -m` entry points."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def split_args(argv: Sequence[str], default_config: str | None) -> tuple[str | None, list[str]]:
+    """Split `[CONFIG] [key=value ...]` into the config path and the overrides."""
+    args = list(argv)
+    first = args[0] if args else None
+    if first is not None and "=" not in first:
+        return first, args[1:]
+    return default_config, args
+
+
+def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+    """Run `main`; a UserError becomes one line on stderr and exit status 2, no traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print((main.__doc__ or "").strip())
+        return
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

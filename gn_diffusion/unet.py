@@ -1,0 +1,305 @@
+"""DDPM-style U-Net of Conv-Norm-SiLU residual blocks with AdaGN timestep/class conditioning."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from einops import rearrange
+from torch import nn
+
+from .norms import make_norm, norm_act, set_kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# The channel plan: one description of the blocks, read by the builder and by config validation
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    level: int  # resolution level: image_size // 2**level
+    in_ch: int
+    out_ch: int
+    resample: bool = False  # down path: a stride-2 conv; up path: block ends with an upsample
+
+
+def channel_plan(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int):
+    """(down, middle, up) lists of BlockSpec in build order.
+
+    A down spec with `resample` is a downsample; every down entry (and the stem) leaves one skip
+    tensor, and every up block concatenates one of them in reverse order.
+    """
+    last = len(channel_mult) - 1
+    ch = base_channels
+    skips = [ch]
+    down: list[BlockSpec] = []
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            down.append(BlockSpec(level, ch, base_channels * mult))
+            ch = base_channels * mult
+            skips.append(ch)
+        if level != last:
+            down.append(BlockSpec(level, ch, ch, resample=True))
+            skips.append(ch)
+    middle = [BlockSpec(last, ch, ch), BlockSpec(last, ch, ch)]
+    up: list[BlockSpec] = []
+    for level in reversed(range(len(channel_mult))):
+        out = base_channels * channel_mult[level]
+        for i in range(num_res_blocks + 1):
+            upsample = level != 0 and i == num_res_blocks
+            up.append(BlockSpec(level, ch + skips.pop(), out, resample=upsample))
+            ch = out
+    return down, middle, up
+
+
+def norm_widths(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int) -> list[int]:
+    """Every channel count a norm layer sees, skip concatenations included."""
+    down, middle, up = channel_plan(base_channels, channel_mult, num_res_blocks)
+    blocks = [s for s in down if not s.resample] + middle + up  # downsamples have no norm
+    return [w for s in blocks for w in (s.in_ch, s.out_ch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps [N]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so the block it ends starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    kind: str
+    groups: int
+    eps: float
+
+    def make(self, channels: int) -> nn.Module:
+        return make_norm(self.kind, channels, groups=self.groups, eps=self.eps)
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> conv -> AdaGN(norm, emb) -> SiLU -> dropout -> conv (zero-init), + skip."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, norm: NormSpec, scale_shift: bool, upsample=False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = norm.make(in_ch)
+        self.conv1 = conv3x3(in_ch, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1))
+        self.norm2 = norm.make(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(conv3x3(out_ch, out_ch))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(norm_act(self.norm1, x))
+        e = self.emb_proj(F.silu(emb))
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = norm_act(self.norm2, h, scale, shift)
+        else:
+            h = norm_act(self.norm2, h + e[:, :, None, None].to(h.dtype))
+        h = self.conv2(self.dropout(h))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, residual, zero-init output."""
+
+    def __init__(self, channels: int, heads: int, norm: NormSpec):
+        super().__init__()
+        self.heads = heads
+        self.norm = norm.make(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        height = x.shape[2]
+        qkv = self.qkv(norm_act(self.norm, x, act=False))
+        q, k, v = rearrange(qkv, "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=height)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv3x3(channels, channels, stride=2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Stage(nn.Sequential):
+    """A run of layers that all take (x, emb)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class UNetOutput(BaseOutput):
+    sample: torch.Tensor
+
+
+class GNUNet(ModelMixin, ConfigMixin):
+    """The U-Net. Subclasses diffusers' ModelMixin/ConfigMixin, so save_pretrained/from_pretrained
+    round-trip in safetensors and DDPMPipeline/DDIMPipeline run it unchanged."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 16,
+        in_channels: int = 1,
+        out_channels: Optional[int] = None,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (8,),
+        attention_heads: int = 1,
+        dropout: float = 0.0,
+        norm: str = "group",
+        groups: int = 32,
+        norm_eps: float = 1e-5,
+        scale_shift: bool = True,
+        num_classes: int = 0,
+    ):
+        super().__init__()
+        self.gradient_checkpointing = False
+        norm_spec = NormSpec(norm, groups, norm_eps)
+        emb_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        # One extra "null" class: the label classifier-free guidance drops to.
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = conv3x3(in_channels, base_channels)
+
+        def stage(spec: BlockSpec, upsample: bool = False) -> Stage:
+            layers: list[nn.Module] = [
+                ResBlock(spec.in_ch, spec.out_ch, emb_dim, dropout, norm_spec, scale_shift)
+            ]
+            if sample_size // 2**spec.level in attention_resolutions:
+                layers.append(AttentionBlock(spec.out_ch, attention_heads, norm_spec))
+            if upsample:
+                layers.append(Upsample(spec.out_ch))
+            return Stage(*layers)
+
+        down, middle, up = channel_plan(base_channels, channel_mult, num_res_blocks)
+        self.down = nn.ModuleList(
+            Stage(Downsample(s.out_ch)) if s.resample else stage(s) for s in down
+        )
+        first, second = middle
+        self.middle = Stage(
+            ResBlock(first.in_ch, first.out_ch, emb_dim, dropout, norm_spec, scale_shift),
+            AttentionBlock(first.out_ch, attention_heads, norm_spec),
+            ResBlock(second.in_ch, second.out_ch, emb_dim, dropout, norm_spec, scale_shift),
+        )
+        self.up = nn.ModuleList(stage(s, upsample=s.resample) for s in up)
+        self.norm_out = norm_spec.make(up[-1].out_ch)
+        self.conv_out = zero_init(conv3x3(up[-1].out_ch, out_channels or in_channels))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
+        emb = self._embed(sample, timestep, class_labels)
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            skips.append(h)
+        h = self._run(self.middle, h, emb)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+        out = self.conv_out(norm_act(self.norm_out, h))
+        return UNetOutput(sample=out) if return_dict else (out,)
+
+    def _embed(self, sample, timestep, class_labels) -> torch.Tensor:
+        n = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
+        dtype = self.conv_in.weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
+        if self.class_embed is not None:
+            if class_labels is None:  # unconditional: the null class
+                class_labels = torch.full((n,), self.config.num_classes, device=sample.device)
+            emb = emb + self.class_embed(class_labels.reshape(n).long())
+        elif class_labels is not None:
+            raise ValueError("class_labels were given to an unconditional model (num_classes=0).")
+        return emb
+
+    def _run(self, block: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, h, emb)
+        return block(h, emb)
+
+
+def build_unet(model_cfg) -> GNUNet:
+    """Build the U-Net of a (validated) ModelConfig."""
+    m = model_cfg
+    model = GNUNet(
+        sample_size=m.image_size,
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        base_channels=m.base_channels,
+        channel_mult=list(m.channel_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=list(m.attention_resolutions),
+        attention_heads=m.attention_heads,
+        dropout=m.dropout,
+        norm=m.norm,
+        groups=m.groups,
+        norm_eps=m.norm_eps,
+        scale_shift=m.scale_shift,
+        num_classes=m.num_classes,
+    )
+    set_kernels(model, m.kernels)
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
