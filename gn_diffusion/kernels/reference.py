@@ -9,12 +9,9 @@ import torch.nn.functional as F
 def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):
     dtype = x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        h = x.float()
-        n = h.shape[0]
         # GN is invariant to a per-group shift; subtracting each group's first element first
         # keeps float32 statistics exact for inputs like 1e4 + 0.1 * randn (large mean, small spread).
-        grouped = h.reshape(n, num_groups, -1)
-        h = (grouped - grouped[:, :, :1].detach()).reshape(h.shape)
+        h = shifted_groups(x, num_groups).reshape(x.shape)
         h = F.group_norm(h, num_groups, _float(weight), _float(bias), eps)
         if scale is not None:
             h = h * (1 + scale.float()[:, :, None, None])
@@ -25,6 +22,73 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
         elif act is not None:
             raise ValueError(f"act must be 'silu' or None, got {act!r}")
     return h.to(dtype)
+
+
+def shifted_groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """float32 [N, G, Cg * HW]: x minus its group's first element (a constant to autograd)."""
+    grouped = x.float().reshape(x.shape[0], num_groups, -1)
+    return grouped - grouped[:, :, :1].detach()
+
+
+def group_statistics(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [N, G] mean of x minus each group's first element, and 1 / sqrt(var + eps): the
+    statistics the Triton forward saves for its backward."""
+    var, mean = torch.var_mean(shifted_groups(x.detach(), num_groups), dim=-1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None,
+                                       silu=True):
+    """(dx, dweight, dbias, dscale, dshift) of the reference in closed form, float32 throughout
+    (the custom op's reference backward: autograd does not run inside an op's implementation)."""
+    n, c = x.shape[:2]
+    d = shifted_groups(x, num_groups)
+    var, mean = torch.var_mean(d, dim=-1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((d - mean) * rstd).reshape(n, c, -1)
+    gamma, beta = _folded_affine(weight, bias, scale, shift, n, c, x.device)
+    dz = dy.float().reshape(n, c, -1)
+    if silu:
+        z = xhat * gamma + beta
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    dxhat = (dz * gamma).reshape(d.shape)
+    xhat_g = xhat.reshape(d.shape)
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat_g * (dxhat * xhat_g).mean(-1, keepdim=True))
+    grads = parameter_grads(dz.sum(-1), (dz * xhat).sum(-1), weight, bias, scale, shift)
+    return (dx.reshape(x.shape).to(x.dtype), *grads)
+
+
+def _folded_affine(weight, bias, scale, shift, n, c, device):
+    """[N, C, 1] gamma = w * (1 + scale) and beta = b * (1 + scale) + shift, in float32."""
+    gamma = torch.ones(n, c, 1, device=device) if weight is None else weight.float()[None, :, None].expand(n, c, 1)
+    beta = torch.zeros(n, c, 1, device=device) if bias is None else bias.float()[None, :, None].expand(n, c, 1)
+    if scale is not None:
+        one_plus = 1 + scale.float()[:, :, None]
+        gamma, beta = gamma * one_plus, beta * one_plus
+    if shift is not None:
+        beta = beta + shift.float()[:, :, None]
+    return gamma, beta
+
+
+def parameter_grads(sum_dz, sum_dz_xhat, weight, bias, scale, shift):
+    """From per-(n, c) float32 sums of dz and dz * xhat, with z = xhat * w * (1 + s) + b * (1 + s) + t:
+    dshift = sum dz, dscale = w * sum(dz xhat) + b * sum dz, and dweight/dbias sum (1 + s) times
+    those over the batch (a fixed-order reduction: deterministic)."""
+    one_plus = None if scale is None else 1 + scale.float()
+    dweight = dbias = dscale = dshift = None
+    if weight is not None:
+        dweight = (sum_dz_xhat if one_plus is None else one_plus * sum_dz_xhat).sum(0).to(weight.dtype)
+    if bias is not None:
+        dbias = (sum_dz if one_plus is None else one_plus * sum_dz).sum(0).to(bias.dtype)
+    if scale is not None:
+        dscale = sum_dz_xhat if weight is None else weight.float() * sum_dz_xhat
+        if bias is not None:
+            dscale = dscale + bias.float() * sum_dz
+        dscale = dscale.to(scale.dtype)
+    if shift is not None:
+        dshift = sum_dz.to(shift.dtype)
+    return dweight, dbias, dscale, dshift
 
 
 def _float(t):
