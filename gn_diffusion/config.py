@@ -77,6 +77,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # class-conditional models: fraction of labels replaced by null
     log_every: int = 50
     sample_every: int = 1000
+    sample_images: int = 16  # images in the grids written every sample_every steps
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
@@ -93,7 +94,7 @@ class SampleConfig:
     seed: int = 0
     class_labels: Optional[list[int]] = None  # cycled over the images; None: unconditional
     guidance_scale: float = 1.0
-    output_dir: Optional[str] = None  # None: <model dir>/samples
+    output_dir: Optional[str] = None  # None: <run dir>/generated
     use_ema: bool = True
 
 
@@ -123,7 +124,7 @@ POSITIVE = [
     "model.num_res_blocks", "model.attention_heads", "model.groups", "model.norm_eps",
     "diffusion.num_train_timesteps", "diffusion.beta_start", "diffusion.beta_end",
     "train.batch_size", "train.gradient_accumulation_steps", "train.max_steps", "train.lr",
-    "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_every", "train.sample_every", "train.sample_images", "train.checkpoint_every", "train.keep_checkpoints",
     "sample.num_inference_steps", "sample.num_images", "sample.batch_size",
 ]
 NON_NEGATIVE = [
@@ -177,7 +178,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model, diffusion, data, train, sample).")
+        raise ConfigError(f"config file {path} must hold a mapping of section names to settings (e.g. model: ..., train: ...).")
     return raw
 
 
@@ -216,7 +217,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), list(fields), prefix)}.")
+            raise ConfigError(f"unknown key '{prefix}{key}'; {_suggest(str(key), list(fields), prefix)}")
     values = {}
     for key, value in raw.items():
         kind = hints[key]
@@ -230,8 +231,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _suggest(key: str, options: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; valid keys are {', '.join(prefix + o for o in options)}"
+        return f"did you mean '{prefix}{close[0]}'?"
+    return f"valid keys are {', '.join(prefix + o for o in options)}."
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
@@ -298,6 +299,22 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_diffusion(cfg.diffusion)
     _validate_sample(cfg)
+    _validate_train(cfg.train)
+    _validate_conditioning(cfg)
+
+
+def _validate_conditioning(cfg: Config) -> None:
+    n, d = cfg.model.num_classes, cfg.data
+    if n and d.dataset == "digits" and n != 10:
+        raise ConfigError(f"the digits have 10 classes; set model.num_classes=10 or 0 (it is {n}).")
+    if n and d.dataset == "image_folder" and not d.class_labels:
+        raise ConfigError("model.num_classes is set but data.class_labels is false; set data.class_labels=true "
+                          "(one sub-folder per class) or model.num_classes=0.")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    if t.resume is not None and t.overwrite:
+        raise ConfigError("train.resume and train.overwrite are both set; set one: resume continues a run, overwrite replaces it.")
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -327,6 +344,10 @@ def _validate_model(m: ModelConfig) -> None:
         )
     _validate_attention(m)
     _validate_groups(m, norm_uses_groups, norm_widths)
+    if m.kernels == "triton":
+        from .kernels import require_triton
+
+        require_triton()  # no CUDA or no Triton: a ConfigError naming the fix
 
 
 def _validate_attention(m: ModelConfig) -> None:

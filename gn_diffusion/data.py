@@ -1,18 +1,26 @@
 """Datasets: scikit-learn's bundled digits, and a folder of the user's own images.
 
-Every dataset yields dicts {"image": float tensor [C, S, S] in [-1, 1], "label": int64 tensor}.
+Every dataset yields dicts {"image": float tensor [C, S, S] in [-1, 1], "label": int64 tensor}
+(label -1 where the data has none). Random flips are not applied here but in the training step,
+from the step's seeded generator, so that a resumed run sees the same flips.
 """
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .errors import UserError
+
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 297  # the held-out split: 1500 train + 297 held-out of 1797 images
 _DIGITS_SPLIT_SEED = 0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def digits_arrays(split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +45,8 @@ def digits_arrays(split: str, image_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class TensorImageDataset(Dataset):
-    """In-memory images and labels, with an optional random horizontal flip."""
+    """In-memory images (float in [-1, 1], or uint8 in [0, 255]) and labels, with an optional
+    random horizontal flip (from the global RNG: training flips in the step instead)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
         self.images = images
@@ -49,6 +58,90 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = self.images[i]
+        if image.dtype == torch.uint8:
+            image = image.float() / 127.5 - 1
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return {"image": image, "label": self.labels[i]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of images
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, in a fixed (sorted) order."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """uint8 [C, S, S]: resized so the short side is `image_size`, then center-cropped."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        scale = image_size / min(img.size)
+        size = (max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def image_folder_arrays(
+    root: str | Path, image_size: int, channels: int, class_labels: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All readable images of a folder as uint8 [N, C, S, S], labels [N] and the class names.
+
+    With `class_labels`, an image's class is the first sub-folder under `root` it lies in
+    (sorted names give indices 0..K-1); otherwise labels are -1.
+    """
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; set data.path to a folder of images.")
+    files = list_images(root)
+    if not files:
+        raise UserError(
+            f"data folder {root} holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images; "
+            "put images in it or point data.path elsewhere."
+        )
+    classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    if class_labels and not classes:
+        raise UserError(f"data.class_labels is set but {root} has no sub-folders; put each class in its own sub-folder.")
+    class_index = {name: i for i, name in enumerate(classes)}
+    images, labels, unreadable = [], [], 0
+    for f in tqdm(files, desc="reading images", leave=False, disable=len(files) < 1000):
+        try:
+            images.append(read_image(f, image_size, channels))
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for unreadable or truncated files
+            unreadable += 1
+            continue
+        parts = f.relative_to(root).parts
+        labels.append(class_index[parts[0]] if class_labels and len(parts) > 1 else -1)
+    if not images:
+        raise UserError(f"none of the {len(files)} image files under {root} could be read; check the files.")
+    if unreadable:
+        warnings.warn(f"skipped {unreadable} unreadable image file(s) of {len(files)} under {root}.", stacklevel=2)
+    if class_labels and min(labels) < 0:
+        raise UserError(f"data.class_labels is set but {root} has images outside class sub-folders; move them into one.")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def build_dataset(cfg) -> tuple[TensorImageDataset, int]:
+    """The training set of a Config and its number of classes (0 when it has no labels)."""
+    m, d = cfg.model, cfg.data
+    if d.dataset == "digits":
+        images, labels = digits_arrays("train", m.image_size)
+        num_classes = DIGITS_CLASSES
+    else:
+        images, labels, classes = image_folder_arrays(d.path, m.image_size, m.in_channels, d.class_labels)
+        num_classes = len(classes) if d.class_labels else 0
+    if m.num_classes and m.num_classes != num_classes:
+        raise UserError(
+            f"model.num_classes is {m.num_classes} but the data has {num_classes or 'no'} classes; "
+            f"set model.num_classes={num_classes}."
+        )
+    return TensorImageDataset(images, labels), num_classes

@@ -94,4 +94,4 @@ def test_missing_and_malformed_files(tmp_path):
     assert "not valid YAML" in message([], path=bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    assert "mapping of sections" in message([], path=listy)
+    assert "mapping of section names" in message([], path=listy)

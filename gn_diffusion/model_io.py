@@ -1,0 +1,92 @@
+"""Model files: export a trained model, and load safetensors weights only after checking that
+the file is whole and fits the architecture (so a bad file is a clear error, not a traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from .config import Config, save_config
+from .errors import UserError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what ModelMixin.save_pretrained writes
+_MAX_HEADER = 100 * 2**20
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, after checking the file is complete.
+
+    Reads only the header: a truncated or foreign file fails here, before any tensor is loaded.
+    """
+    bad = UserError(f"{path} is not a complete safetensors file (truncated or another format); re-export or re-download it.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise bad
+        try:
+            header = json.loads(f.read(n))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+            shapes = {k: list(v["shape"]) for k, v in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise bad from None
+    if 8 + n + end != size:
+        raise bad
+    return shapes
+
+
+def check_weights_fit(model: nn.Module, path: Path) -> None:
+    """Raise a UserError unless the file's tensor names and shapes are exactly the model's."""
+    have = safetensors_shapes(path)
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if have == want:
+        return
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if shape:
+        detail = f"'{shape[0]}' is {have[shape[0]]} there but {want[shape[0]]} in this config's model"
+    else:
+        detail = f"{len(missing)} tensor(s) missing and {len(extra)} unexpected, e.g. '{(missing or extra)[0]}'"
+    raise UserError(
+        f"{path} holds weights of another architecture ({detail}); use the config it was trained with."
+    )
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load checked safetensors weights into `model`."""
+    from safetensors.torch import load_file
+
+    check_weights_fit(model, path)
+    model.load_state_dict(load_file(path, device="cpu"))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; the old one is removed only after the move."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model, cfg: Config, folder: Path) -> Path:
+    """save_pretrained (safetensors + config.json), the DDPM scheduler config and the run's
+    config.yaml into `folder`, written beside it and renamed so a crash leaves no half export."""
+    from .diffusion import make_scheduler
+
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    make_scheduler(cfg.diffusion, "ddpm").save_pretrained(tmp)
+    save_config(cfg, tmp / "config.yaml")
+    replace_dir(tmp, folder)
+    return folder

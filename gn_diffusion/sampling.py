@@ -1,0 +1,157 @@
+"""Sampling: load an exported model, generate images with a diffusers scheduler, save them.
+
+Image i starts from noise drawn from a generator seeded by (sample.seed, i) and that generator
+also feeds the scheduler's own noise (ddpm), so an image does not depend on the batch size or
+on how many processes share the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import MODEL_FILE, latest_checkpoint
+from .config import Config, load_config
+from .diffusion import make_scheduler, seeded_generator
+from .errors import UserError
+from .images import save_grid, save_pngs, to_uint8
+from .model_io import WEIGHTS_NAME, load_weights
+from .run_dir import CONFIG_FILE
+from .unet import GNUNet, build_unet
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model folder of a run's output folder, or `path` itself if it is a model folder."""
+    path = Path(path)
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_NAME).is_file():
+        return path
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a training run's output folder or its model/ folder.")
+    raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {WEIGHTS_NAME}); "
+                    "pass a finished run's output folder or its model/ folder.")
+
+
+def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[GNUNet, Config]:
+    """The exported (EMA) model of a run, in eval mode, and the run's Config.
+
+    With `use_ema=False` the raw weights of the run's latest checkpoint are loaded instead.
+    """
+    folder = model_dir(path)
+    cfg = load_config(folder / CONFIG_FILE)
+    model = build_unet(cfg.model)
+    weights = folder / WEIGHTS_NAME
+    if not use_ema:
+        checkpoint = latest_checkpoint(folder.parent)
+        if checkpoint is None:
+            raise UserError(f"{folder.parent} has no checkpoint with raw weights; set sample.use_ema=true.")
+        weights = checkpoint / MODEL_FILE
+    load_weights(model, weights)
+    return model.eval(), cfg
+
+
+def image_labels(cfg: Config) -> torch.Tensor:
+    """Image i's class: sample.class_labels cycled, or -1 (unconditional)."""
+    s = cfg.sample
+    if not s.class_labels:
+        return torch.full((s.num_images,), -1, dtype=torch.int64)
+    return torch.tensor(s.class_labels, dtype=torch.int64).repeat(s.num_images // len(s.class_labels) + 1)[: s.num_images]
+
+
+@torch.no_grad()
+def predict(model, x, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The model output, with classifier-free guidance toward `labels` when the scale is not 1."""
+    if model.config.num_classes == 0:
+        return model(x, t).sample
+    null = torch.full_like(labels, model.config.num_classes)
+    cond = torch.where(labels >= 0, labels, null)
+    if guidance_scale == 1.0 or bool((labels < 0).all()):
+        return model(x, t, class_labels=cond).sample
+    both = model(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample
+    out_cond, out_null = both.chunk(2)
+    return out_null + guidance_scale * (out_cond - out_null)
+
+
+@torch.no_grad()
+def sample_batch(model, cfg: Config, indices: list[int], labels: torch.Tensor) -> torch.Tensor:
+    """Denoise the images with these indices; returns float32 CPU [n, C, S, S] in [-1, 1]."""
+    s, m = cfg.sample, cfg.model
+    device = next(model.parameters()).device
+    scheduler = make_scheduler(cfg.diffusion, s.scheduler)
+    scheduler.set_timesteps(s.num_inference_steps)
+    generators = [seeded_generator(s.seed, i) for i in indices]
+    shape = (m.in_channels, m.image_size, m.image_size)
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    x = x * scheduler.init_noise_sigma
+    labels = labels.to(device)
+    for t in scheduler.timesteps:
+        out = predict(model, scheduler.scale_model_input(x, t), t, labels, s.guidance_scale)
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    return x.float().clamp(-1, 1).cpu()
+
+
+def generate(model, cfg: Config, *, accelerator=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32 CPU [N, C, S, S] in [-1, 1], labels int64 [N], -1 where unconditional).
+
+    With a multi-process accelerator each rank denoises a contiguous slice and every rank
+    receives all images.
+    """
+    from tqdm.auto import tqdm
+
+    s = cfg.sample
+    labels = image_labels(cfg)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = np.array_split(np.arange(s.num_images), world)[rank].tolist()
+    chunks = [mine[i: i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+    show = progress and rank == 0 and len(chunks) > 1
+    parts = [sample_batch(model, cfg, chunk, labels[chunk]) for chunk in tqdm(chunks, desc="sampling", disable=not show)]
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    images = torch.cat(parts) if parts else torch.empty((0, *shape))
+    if world > 1:
+        images = _gather_slices(accelerator, images, s.num_images)
+    return images, labels
+
+
+def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tensor:
+    """All ranks' contiguous slices in order (slices differ in length by at most one)."""
+    sizes = [len(part) for part in np.array_split(np.arange(total), accelerator.num_processes)]
+    padded = torch.zeros((max(sizes), *images.shape[1:]), dtype=images.dtype)
+    padded[: len(images)] = images
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu().reshape(len(sizes), max(sizes), *images.shape[1:])
+    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> Path:
+    """grid.png, images/<index>.png and samples.npz (uint8 images [N, H, W, C] and labels)."""
+    folder = Path(folder)
+    save_grid(images, folder / "grid.png", upscale=max(1, 128 // images.shape[-1]))
+    save_pngs(images, folder / "images")
+    np.savez_compressed(folder / "samples.npz", images=to_uint8(images), labels=labels.numpy())
+    return folder
+
+
+def sample_main(path: str, overrides: list[str]) -> Path:
+    """sample.py: load a run's model, apply `sample.*` overrides, generate and save."""
+    from accelerate import Accelerator
+
+    folder = model_dir(path)
+    run_cfg = load_config(folder / CONFIG_FILE)
+    cfg = load_config(folder / CONFIG_FILE, overrides)
+    changed = [k for k in ("model", "diffusion", "data", "train") if getattr(cfg, k) != getattr(run_cfg, k)]
+    if changed:
+        raise UserError(f"sample.py takes only sample.* settings (got a change to {changed[0]}.*); "
+                        "train another model to change those.")
+    model, _ = load_model(folder, use_ema=cfg.sample.use_ema)
+    accelerator = Accelerator(cpu=cfg.train.cpu)
+    model.to(accelerator.device)
+    images, labels = generate(model, cfg, accelerator=accelerator)
+    out = Path(cfg.sample.output_dir or folder.parent / "generated")
+    if accelerator.is_main_process:
+        save_samples(images, labels, out)
+        print(f"wrote {len(images)} images to {out} (grid.png, images/, samples.npz)")
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,24 @@
+"""Sample from a trained model: python sample.py RUN_OR_MODEL_DIR [sample.key=value ...]"""
+
+from gn_diffusion.cli import run_cli, split_args
+
+
+def main(argv: list[str]) -> None:
+    """python sample.py RUN_OR_MODEL_DIR [sample.key=value ...]
+
+    Keys: sample.scheduler (ddpm | ddim | dpm-solver++), sample.num_inference_steps,
+    sample.num_images, sample.batch_size, sample.seed, sample.class_labels=[3,7],
+    sample.guidance_scale, sample.output_dir (default <run>/generated). Writes grid.png,
+    images/<index>.png and samples.npz. Several processes: accelerate launch ... sample.py ...
+    """
+    from gn_diffusion.errors import UserError
+    from gn_diffusion.sampling import sample_main
+
+    path, overrides = split_args(argv, None)
+    if path is None:
+        raise UserError("sample.py needs a run's output folder or model folder first, e.g. python sample.py runs/digits.")
+    sample_main(path, overrides)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,109 @@
+"""The normalization ablation runner: per-cell configs, outputs, and resuming an interrupted sweep."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import yaml
+
+import gn_diffusion.training
+from gn_diffusion.ablation import cell_config, load_ablation_config, result_path, run_ablation
+from gn_diffusion.cli import run_cli
+from gn_diffusion.errors import ConfigError, UserError
+
+TINY = {
+    "base": {
+        "model": {"image_size": 8, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+                  "attention_resolutions": [], "groups": 4},
+        "train": {"lr": 1e-3, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 1000, "sample_every": 1000},
+        "sample": {"num_inference_steps": 2, "num_images": 4},
+    },
+    "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "reference_batch_size": 4},
+    "eval": {"num_samples": 20, "kid_subsets": 5},
+    "loss_triples": 32,
+    "threads": 1,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tmp_path_factory):
+    raw = {**TINY, "output_dir": str(tmp_path / "sweep")}
+    raw["eval"] = {**TINY["eval"], "cache_dir": str(tmp_path_factory.getbasetemp() / "classifier-cache")}
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_config):
+    ab = load_ablation_config(tiny_config, ["grid.batch_sizes=[2,8]", "grid.images_seen=64", "grid.lr_scaling=sqrt",
+                                            "base.train.ema_decay=0.99", "base.train.warmup_steps=4"])
+    small, large = (cell_config(ab, "group", b, processes=1) for b in (2, 8))
+    assert small.train.max_steps * 2 == large.train.max_steps * 8 == 64
+    assert small.train.warmup_steps * 2 == large.train.warmup_steps * 8 == 4 * 4
+    # The EMA half-life in images: log(decay) per image is the same at every batch size.
+    assert math.log(small.train.ema_decay) / 2 == pytest.approx(math.log(large.train.ema_decay) / 8)
+    assert small.train.lr / large.train.lr == pytest.approx(0.5)  # sqrt(2 / 8)
+    assert (small.model.norm, small.train.seed) == ("group", large.train.seed)
+    assert cell_config(ab, "group", 2, processes=2).train.max_steps == 16  # images count every process
+
+
+@pytest.mark.parametrize("override", [
+    "grid.norms=[group,nonsense]", "grid.batch_sizes=[2,2]", "grid.images_seen=30", "grid.lr_scaling=cubic",
+    "base.data.dataset=image_folder", "grid.bogus=1", "eval.num_samples=1", "threads=-1",
+])
+def test_bad_grids_are_refused_before_anything_runs(tiny_config, override):
+    with pytest.raises(ConfigError):
+        load_ablation_config(tiny_config, [override])
+
+
+def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):
+    from gn_diffusion.ablate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.yaml" in err and "Traceback" not in err
+
+
+def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_config, monkeypatch):
+    real_train = gn_diffusion.training.train
+    calls = []
+
+    def interrupted_after_two_cells(cfg, **kwargs):
+        calls.append(cfg.train.output_dir)
+        out = real_train(cfg, **kwargs)
+        if len(calls) == 3:  # killed after the third cell's training, before its scoring
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(gn_diffusion.training, "train", interrupted_after_two_cells)
+    ab = load_ablation_config(tiny_config)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(ab, progress=False)
+    out = tiny_config.parent / "sweep"
+    done = [result_path(out, "group", 2), result_path(out, "group", 4)]
+    assert all(p.is_file() for p in done) and not result_path(out, "batch", 2).exists()
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2  # the summary already holds the finished cells
+    stamps = [p.stat().st_mtime_ns for p in done]
+
+    calls.clear()
+    run_ablation(ab, progress=False, command="python -m gn_diffusion.ablate tiny.yaml")
+    assert [c.rsplit("/", 1)[-1] for c in calls] == ["batch-b2", "batch-b4"]  # finished cells not redone
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["norm"], int(r["batch_size"])) for r in rows} == {("group", 2), ("group", 4), ("batch", 2), ("batch", 4)}
+    assert all(int(r["steps"]) * int(r["batch_size"]) == 16 for r in rows)
+    assert all(float(r["frechet"]) > 0 and float(r["heldout_loss"]) > 0 for r in rows)
+    assert len({r["frechet_floor"] for r in rows}) == 1  # one floor for the whole sweep
+    table = (out / "results.md").read_text()
+    assert "| batch |" in table and "| group |" in table and f"{float(rows[0]['frechet']):.3f}" in table
+    assert "python -m gn_diffusion.ablate tiny.yaml" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(UserError, match="other settings"):  # another sweep's settings: refused
+        run_ablation(load_ablation_config(tiny_config, ["grid.images_seen=32"]), progress=False)

@@ -1,0 +1,127 @@
+"""Training: the loss, the batches, EMA of parameters and buffers, and a short run end to end."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gn_diffusion.config import load_config
+from gn_diffusion.diffusion import denoising_loss, noise_schedule, training_loss
+from gn_diffusion.ema import EMA
+from gn_diffusion.sampling import generate, load_model
+from gn_diffusion.training import EpochBatches, learning_rate, train
+from gn_diffusion.unet import build_unet
+
+TINY = [
+    "model.image_size=8", "model.base_channels=16", "model.groups=8", "model.channel_mult=[1]",
+    "model.num_res_blocks=1", "model.attention_resolutions=[]", "diffusion.num_train_timesteps=100",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_images=4",
+    "sample.num_images=4", "sample.num_inference_steps=3",
+]
+
+
+def tiny_config(output_dir, *overrides):
+    """A model that trains a step in milliseconds; used by every training and sampling test."""
+    return load_config("configs/digits.yaml", [*TINY, f"train.output_dir={output_dir}", *overrides])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_loss_is_zero_for_a_model_that_predicts_the_target(prediction):
+    cfg = load_config(None, [f"diffusion.prediction_type={prediction}"]).diffusion
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    a = noise_schedule(cfg).alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0, "sample": x0}[prediction]
+
+    seen = []
+
+    class Oracle(nn.Module):
+        def forward(self, x, t, class_labels=None):
+            seen.append(x)
+            return type("Out", (), {"sample": target})
+
+    loss = denoising_loss(Oracle(), x0, t, noise, None, cfg)
+    assert torch.allclose(seen[0], a.sqrt() * x0 + (1 - a).sqrt() * noise, atol=1e-6)
+    assert loss.shape == (4,)
+    assert loss.max() < 1e-10
+    for other in {"epsilon", "v_prediction", "sample"} - {prediction}:  # the target depends on the type
+        wrong = denoising_loss(Oracle(), x0, t, noise, None, dataclasses.replace(cfg, prediction_type=other))
+        assert wrong.max() > 0.01
+
+
+def test_training_loss_draws_only_from_its_generator(tmp_path):
+    cfg = tiny_config(tmp_path, "model.num_classes=10", "data.random_flip=true", "train.label_dropout=0.5")
+    torch.manual_seed(0)
+    model = build_unet(cfg.model)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    batch = {"image": torch.randn(8, 1, 8, 8), "label": torch.arange(8)}
+    first = training_loss(model, batch, cfg, torch.Generator().manual_seed(5))
+    torch.rand(100)  # moving the global RNG must change nothing
+    again = training_loss(model, batch, cfg, torch.Generator().manual_seed(5))
+    other = training_loss(model, batch, cfg, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_epoch_batches_split_global_batches_across_ranks_and_resume_mid_epoch():
+    one = iter(EpochBatches(50, 8, world=1, rank=0, seed=3))
+    one_batches = [next(one) for _ in range(12)]  # 6 batches per epoch: crosses an epoch
+    assert sorted(sum(one_batches[:6], [])) == sorted(set(sum(one_batches[:6], [])))  # no repeats in an epoch
+    assert one_batches[:6] != one_batches[6:12]  # each epoch reshuffles
+    ranks = [iter(EpochBatches(50, 4, world=2, rank=r, seed=3)) for r in range(2)]
+    for batch in one_batches[:6]:
+        assert next(ranks[0]) + next(ranks[1]) == batch
+    late = iter(EpochBatches(50, 8, world=1, rank=0, seed=3, start=5))
+    assert [next(late) for _ in range(7)] == one_batches[5:12]
+
+
+def test_learning_rate_warms_up_then_holds(tmp_path):
+    cfg = tiny_config(tmp_path, "train.lr=1e-3", "train.warmup_steps=4")
+    assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_ema_averages_batchnorm_running_statistics():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    ema = EMA(model, decay=0.5, warmup=False)
+    model.train()
+    model(torch.randn(16, 1, 6, 6) * 3 + 2)  # moves running_mean/var and num_batches_tracked
+    ema.update(model)
+    bn, ema_bn = model[1], ema.model[1]
+    assert torch.allclose(ema_bn.running_mean, 0.5 * bn.running_mean)  # averaged with the initial zeros
+    assert torch.allclose(ema_bn.running_var, 0.5 * (bn.running_var + 1))
+    assert ema_bn.num_batches_tracked.item() == 1  # integer buffers are copied
+    weight = model[0].weight.detach().clone()
+    assert torch.allclose(ema.model[0].weight, weight)  # unchanged weights stay the average
+
+
+def test_ema_decay_warms_up():
+    ema = EMA(nn.Linear(2, 2), decay=0.999)
+    decays = []
+    for _ in range(3):
+        decays.append(ema.current_decay())
+        ema.num_updates += 1
+    assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
+
+
+def test_class_conditional_run_exports_a_model_that_samples_each_class(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "model.num_classes=10", "model.norm=batch", "train.max_steps=3",
+                      "train.checkpoint_every=2", "train.sample_every=2", "train.keep_checkpoints=1")
+    out = train(cfg, progress=False)
+    model_dir = out / "model"
+    for name in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json", "config.yaml"):
+        assert (model_dir / name).is_file(), name
+    assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step-0000002.png").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # keep_checkpoints=1
+    assert json.loads((out / "checkpoints" / "step-3" / "train_state.json").read_text())["step"] == 3
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    model, run_cfg = load_model(out)
+    assert not model.training and run_cfg == cfg
+    assert not torch.allclose(model.up[0][0].norm1.running_var, torch.ones(1))  # EMA'd BN statistics exported
+    sample_cfg = load_config(model_dir / "config.yaml", ["sample.class_labels=[3,7]", "sample.guidance_scale=3"])
+    images, labels = generate(model, sample_cfg, progress=False)
+    assert images.shape == (4, 1, 8, 8) and labels.tolist() == [3, 7, 3, 7]
+    assert images.abs().max() <= 1 and torch.isfinite(images).all()
