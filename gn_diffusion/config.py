@@ -83,6 +83,7 @@ class TrainConfig:
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
     overwrite: bool = False
     cpu: bool = False  # force the CPU even where a GPU is present
+    cpu_threads: int = 0  # CPU runs: torch's intra-op threads; 0 keeps torch's default (one per core)
 
 
 @dataclass
@@ -129,7 +130,7 @@ POSITIVE = [
 ]
 NON_NEGATIVE = [
     "model.num_classes", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-    "data.num_workers", "sample.guidance_scale",
+    "data.num_workers", "sample.guidance_scale", "train.cpu_threads",
 ]
 UNIT_INTERVAL = [  # [0, 1)
     "model.dropout", "train.ema_decay", "train.label_dropout", "train.adam_beta1",

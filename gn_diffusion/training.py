@@ -138,6 +138,8 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu" and t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
     set_seed(t.seed)  # before the model is built: same seed, same initial weights
     model = build_unet(cfg.model)
     dataset, _ = build_dataset(cfg)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from gn_diffusion.config import load_config
 from gn_diffusion.model_io import export_model
 from gn_diffusion.sampling import generate, load_model, sample_main
 from gn_diffusion.unet import build_unet
