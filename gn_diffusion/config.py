@@ -302,6 +302,17 @@ def validate(cfg: Config) -> None:
     _validate_sample(cfg)
     _validate_train(cfg.train)
     _validate_conditioning(cfg)
+    _validate_kernels(cfg)
+
+
+def _validate_kernels(cfg: Config) -> None:
+    """kernels=triton needs CUDA (or TRITON_INTERPRET=1), also where train.cpu forces the CPU."""
+    if cfg.model.kernels == "triton":
+        import torch
+
+        from .kernels import require_triton
+
+        require_triton(torch.device("cpu") if cfg.train.cpu else None)
 
 
 def _validate_conditioning(cfg: Config) -> None:
@@ -345,10 +356,6 @@ def _validate_model(m: ModelConfig) -> None:
         )
     _validate_attention(m)
     _validate_groups(m, norm_uses_groups, norm_widths)
-    if m.kernels == "triton":
-        from .kernels import require_triton
-
-        require_triton()  # no CUDA or no Triton: a ConfigError naming the fix
 
 
 def _validate_attention(m: ModelConfig) -> None:

@@ -218,6 +218,14 @@ def test_triton_kernels_on_a_machine_without_cuda_are_a_config_error(monkeypatch
     assert load_config("configs/digits.yaml", ["model.kernels=triton"]).model.kernels == "triton"
 
 
+def test_triton_kernels_with_training_forced_onto_the_cpu_are_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert load_config("configs/digits.yaml", ["model.kernels=triton"]).model.kernels == "triton"
+    with pytest.raises(ConfigError, match="on cpu, not CUDA"):
+        load_config("configs/digits.yaml", ["model.kernels=triton", "train.cpu=true"])
+
+
 def tiny_digits_unet():
     cfg = load_config("configs/digits.yaml", ["model.base_channels=8", "model.groups=4", "model.num_res_blocks=1"])
     torch.manual_seed(0)
