@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -26,9 +27,10 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from .config import Config, _build, _parse_override, _read_yaml, _set_dotted, config_from_dict
+from .config import Config, apply_overrides, build_typed, config_from_dict, read_yaml
 from .data import digits_arrays
 from .errors import ConfigError, UserError
+from .files import write_text_atomic
 from .evaluation import (
     EvalSettings, Evaluator, Scores, cpu_threads, digits_evaluator, sample_and_report, validate_settings,
 )
@@ -64,10 +66,7 @@ class AblationConfig:
 
 def load_ablation_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AblationConfig:
     """Read an ablation YAML (sections output_dir, base, grid, eval), apply overrides, validate."""
-    raw = _read_yaml(Path(path))
-    for item in overrides:
-        _set_dotted(raw, *_parse_override(item))
-    ab = _build(AblationConfig, raw, prefix="")
+    ab = build_typed(AblationConfig, apply_overrides(read_yaml(Path(path)), overrides), prefix="")
     validate_ablation(ab, processes=1)
     return ab
 
@@ -266,21 +265,13 @@ def claim_folder(out: Path, ab: AblationConfig) -> None:
 
 def sweep_identity_from_raw(raw: dict[str, Any]) -> Optional[dict[str, Any]]:
     try:
-        return sweep_identity(_build(AblationConfig, raw, prefix=""))
+        return sweep_identity(build_typed(AblationConfig, raw, prefix=""))
     except ConfigError:
         return None
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file and rename it into place: a killed sweep never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +292,11 @@ def write_summary(out: Path, ab: AblationConfig, floor: Scores, command: Optiona
     rows = finished_rows(out, ab)
     if not rows:
         return
-    with open(out / ".results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / ".results.csv.tmp", out / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", table.getvalue())
     write_text_atomic(out / "results.md", markdown_table(rows, ab, floor, command))
     plot_results(rows, ab, floor, out / "results.png")
 

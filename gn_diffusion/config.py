@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .files import write_text_atomic
 
 
 @dataclass
@@ -145,29 +146,34 @@ UNIT_INTERVAL = [  # [0, 1)
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply `key=value` overrides,
     and validate the result."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, prefix="")
-    validate(cfg)
-    return cfg
+    raw = read_yaml(Path(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as written by `Config.to_dict`)."""
-    cfg = _build(Config, raw, prefix="")
+    cfg = build_typed(Config, raw, prefix="")
     validate(cfg)
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A validated copy of `cfg` with `section.key=value` overrides applied."""
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set each `dotted.key=value` override in the nested dict `raw` (in place); returns `raw`."""
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    return raw
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/digits.yaml.")
     try:
@@ -183,7 +189,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -210,7 +216,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 # Typed construction
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_typed(cls: type, raw: Any, prefix: str) -> Any:
+    """An instance of dataclass `cls` from a nested dict: unknown keys and wrong types are ConfigErrors."""
     name = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"'{name}' must be a mapping of keys to values, not {type(raw).__name__}.")
@@ -223,7 +230,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            values[key] = _build(kind, value if value is not None else {}, f"{prefix}{key}.")
+            values[key] = build_typed(kind, value if value is not None else {}, f"{prefix}{key}.")
         else:
             values[key] = _coerce(value, kind, f"{prefix}{key}")
     return cls(**values)

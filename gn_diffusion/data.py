@@ -45,13 +45,11 @@ def digits_arrays(split: str, image_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class TensorImageDataset(Dataset):
-    """In-memory images (float in [-1, 1], or uint8 in [0, 255]) and labels, with an optional
-    random horizontal flip (from the global RNG: training flips in the step instead)."""
+    """In-memory images (float in [-1, 1], or uint8 in [0, 255]) and labels."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images = images
         self.labels = labels
-        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.images)
@@ -60,8 +58,6 @@ class TensorImageDataset(Dataset):
         image = self.images[i]
         if image.dtype == torch.uint8:
             image = image.float() / 127.5 - 1
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
         return {"image": image, "label": self.labels[i]}
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .cli import run_cli
 from .errors import UserError
-from .evaluation import evaluator_for, sample_and_report, split_eval_overrides, with_overrides
+from .config import with_overrides
+from .evaluation import evaluator_for, sample_and_report, split_eval_overrides
 
 
 def main(argv: list[str]) -> None:

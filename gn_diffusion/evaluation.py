@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, _build, _parse_override, _set_dotted, config_from_dict
+from .config import Config, apply_overrides, build_typed, parse_override
 from .data import DIGITS_CLASSES, digits_arrays
 from .errors import ConfigError, UserError
 
@@ -64,27 +64,18 @@ def validate_settings(s: EvalSettings, prefix: str = "eval.") -> None:
 
 def split_eval_overrides(overrides: list[str]) -> tuple[EvalSettings, list[str]]:
     """`eval.*` overrides become EvalSettings; `sample.*` ones are returned for the run's config."""
-    raw: dict = {}
-    sample = []
+    evals, sample = [], []
     for item in overrides:
-        key, value = _parse_override(item)
+        key, _ = parse_override(item)
         if key.startswith("eval."):
-            _set_dotted(raw, key, value)
+            evals.append(item)
         elif key.startswith("sample."):
             sample.append(item)
         else:
             raise ConfigError(f"'{key}' cannot be changed when evaluating; only eval.* and sample.* keys can.")
-    settings = _build(EvalSettings, raw.get("eval", {}), "eval.")
+    settings = build_typed(EvalSettings, apply_overrides({}, evals).get("eval", {}), "eval.")
     validate_settings(settings)
     return settings, sample
-
-
-def with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A validated copy of `cfg` with `section.key=value` overrides applied."""
-    raw = cfg.to_dict()
-    for item in overrides:
-        _set_dotted(raw, *_parse_override(item))
-    return config_from_dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------

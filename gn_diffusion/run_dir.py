@@ -93,7 +93,4 @@ def claim_output_dir(cfg: Config) -> None:
             print(f"train.overwrite=true: deleting the previous run's {', '.join(p.name for p in found)} in {out}")
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    save_config(cfg, tmp)
-    tmp.replace(out / CONFIG_FILE)
+    save_config(cfg, out / CONFIG_FILE)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import MODEL_FILE, latest_checkpoint
-from .config import Config, load_config
+from .config import Config, load_config, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import UserError
 from .images import save_grid, save_pngs, to_uint8
@@ -140,7 +140,7 @@ def sample_main(path: str, overrides: list[str]) -> Path:
 
     folder = model_dir(path)
     run_cfg = load_config(folder / CONFIG_FILE)
-    cfg = load_config(folder / CONFIG_FILE, overrides)
+    cfg = with_overrides(run_cfg, overrides)
     changed = [k for k in ("model", "diffusion", "data", "train") if getattr(cfg, k) != getattr(run_cfg, k)]
     if changed:
         raise UserError(f"sample.py takes only sample.* settings (got a change to {changed[0]}.*); "

@@ -28,7 +28,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def fails_cleanly(capsys, script, args, message, keep: Path):
+def assert_fails_cleanly(capsys, script, args, message, keep: Path):
     before = snapshot(keep)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(script_main(script), args)
@@ -57,14 +57,14 @@ def run_dir(tmp_path):
 def test_train_refuses_a_missing_or_empty_data_folder(tmp_path, capsys, folder):
     (tmp_path / "empty").mkdir()
     args = train_args(tmp_path / "out", "data.dataset=image_folder", f"data.path={tmp_path / folder}")
-    fails_cleanly(capsys, "train.py", args, "data folder", tmp_path)
+    assert_fails_cleanly(capsys, "train.py", args, "data folder", tmp_path)
     assert not (tmp_path / "out").exists()
 
 
 def test_train_refuses_an_output_folder_holding_another_run(run_dir, capsys):
-    fails_cleanly(capsys, "train.py", train_args(run_dir, "model.base_channels=32"), "holds a different run", run_dir)
-    fails_cleanly(capsys, "train.py", train_args(run_dir), "already holds this run; set train.resume=auto", run_dir)
-    fails_cleanly(capsys, "train.py", train_args(run_dir, "model.base_channels=32", "train.resume=auto"),
+    assert_fails_cleanly(capsys, "train.py", train_args(run_dir, "model.base_channels=32"), "holds a different run", run_dir)
+    assert_fails_cleanly(capsys, "train.py", train_args(run_dir), "already holds this run; set train.resume=auto", run_dir)
+    assert_fails_cleanly(capsys, "train.py", train_args(run_dir, "model.base_channels=32", "train.resume=auto"),
                   "holds a run with other settings", run_dir)
 
 
@@ -75,9 +75,9 @@ def test_train_refuses_a_checkpoint_of_another_architecture(run_dir, tmp_path, c
     for name in ("model.safetensors", "ema.safetensors"):
         safetensors.torch.save_file(other, checkpoint / name)
     (checkpoint / "train_state.json").write_text('{"step": 5, "ema_updates": 5}')
-    fails_cleanly(capsys, "train.py", train_args(tmp_path / "new", f"train.resume={checkpoint}"),
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "new", f"train.resume={checkpoint}"),
                   "holds weights of another architecture", tmp_path)
-    fails_cleanly(capsys, "train.py", train_args(tmp_path / "new", f"train.resume={tmp_path / 'nothing'}"),
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "new", f"train.resume={tmp_path / 'nothing'}"),
                   "is not a training checkpoint", tmp_path)
     assert not (tmp_path / "new").exists()
 
@@ -93,7 +93,7 @@ def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
         config = run_dir / "model" / "config.yaml"
         config.write_text(config.read_text().replace("base_channels: 16", "base_channels: 32"))
     message = "another architecture" if damage == "other_architecture" else "is not a complete safetensors file"
-    fails_cleanly(capsys, "sample.py", [str(run_dir)], message, run_dir)
+    assert_fails_cleanly(capsys, "sample.py", [str(run_dir)], message, run_dir)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -104,14 +104,14 @@ def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
     (["model.base_channels=32"], "sample.py takes only sample.* settings"),
 ])
 def test_sample_refuses_bad_settings(run_dir, capsys, args, message):
-    fails_cleanly(capsys, "sample.py", [str(run_dir), *args], message, run_dir)
+    assert_fails_cleanly(capsys, "sample.py", [str(run_dir), *args], message, run_dir)
 
 
 def test_sample_refuses_a_folder_without_a_model(tmp_path, capsys):
     (tmp_path / "x").mkdir()
-    fails_cleanly(capsys, "sample.py", [str(tmp_path / "x")], "holds no exported model", tmp_path)
-    fails_cleanly(capsys, "sample.py", [str(tmp_path / "y")], "does not exist", tmp_path)
-    fails_cleanly(capsys, "sample.py", [], "needs a run's output folder", tmp_path)
+    assert_fails_cleanly(capsys, "sample.py", [str(tmp_path / "x")], "holds no exported model", tmp_path)
+    assert_fails_cleanly(capsys, "sample.py", [str(tmp_path / "y")], "does not exist", tmp_path)
+    assert_fails_cleanly(capsys, "sample.py", [], "needs a run's output folder", tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -120,7 +120,7 @@ def test_sample_refuses_a_folder_without_a_model(tmp_path, capsys):
     (["train.resume=auto", "train.overwrite=true"], "set one"),
 ])
 def test_train_refuses_bad_counts(tmp_path, capsys, args, message):
-    fails_cleanly(capsys, "train.py", [*TINY, f"train.output_dir={tmp_path / 'out'}", *args], message, tmp_path)
+    assert_fails_cleanly(capsys, "train.py", [*TINY, f"train.output_dir={tmp_path / 'out'}", *args], message, tmp_path)
 
 
 def test_the_real_command_line_exits_2_without_traceback(run_dir):
