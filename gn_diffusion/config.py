@@ -1,7 +1,11 @@
-"""Typed configuration: dataclasses, YAML loading, dotted overrides and validation.
+"""The configuration schema: typed dataclasses, YAML loading, dotted overrides, and the checks
+that need nothing but the settings themselves.
 
-Every check on a user's settings lives in this module, so a bad config fails before any model,
-dataset or output folder is touched.
+This module imports nothing of the model. Fixed choices are `Literal` types and numeric ranges
+are field metadata, both judged while the YAML is read; checks that need the model (channel
+widths, norm names) live in `unet` and `norms`, and checks that need the hardware run where the
+hardware is used. Settings that say how a run executes on this machine, not what it is, live in
+the `runtime` section, which every command lets the user override.
 """
 
 from __future__ import annotations
@@ -9,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -21,83 +26,128 @@ from .errors import ConfigError
 from .files import write_text_atomic
 
 
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, low: float | None = None,
+            high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A dataclass field whose value must lie in [low, high] (an open end with `*_open`)."""
+    bounds = dict(low=low, high=high, low_open=low_open, high_open=high_open)
+    return field(default=default, default_factory=factory, metadata={"bounds": bounds})
+
+
+def positive(default: Any):
+    return setting(default, low=0, low_open=True)
+
+
+def non_negative(default: Any):
+    return setting(default, low=0)
+
+
+def unit_interval(default: float):  # [0, 1)
+    return setting(default, low=0, high=1, high_open=True)
+
+
 @dataclass
 class ModelConfig:
-    image_size: int = 16
-    in_channels: int = 1
-    out_channels: Optional[int] = None  # None: same as in_channels
-    base_channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    attention_heads: int = 1
-    dropout: float = 0.0
-    norm: str = "group"
-    groups: int = 32
-    norm_eps: float = 1e-5
+    image_size: int = positive(16)
+    in_channels: int = positive(1)
+    out_channels: Optional[int] = positive(None)  # None: same as in_channels
+    base_channels: int = positive(64)
+    channel_mult: list[int] = setting(factory=lambda: [1, 2], low=1)
+    num_res_blocks: int = positive(2)
+    attention_resolutions: list[int] = setting(factory=lambda: [8], low=1)
+    attention_heads: int = positive(1)
+    dropout: float = unit_interval(0.0)
+    norm: str = "group"  # a name of the norm registry (norms.available_norms)
+    groups: int = positive(32)
+    norm_eps: float = positive(1e-5)
     scale_shift: bool = True  # AdaGN; false gives DDPM's additive timestep conditioning
-    num_classes: int = 0  # 0: unconditional
+    num_classes: int = non_negative(0)  # 0: unconditional
     gradient_checkpointing: bool = False
-    kernels: str = "auto"  # auto | triton | torch: which group_norm_silu implementation runs
 
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    num_train_timesteps: int = positive(1000)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = positive(1e-4)
+    beta_end: float = positive(0.02)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits | image_folder
+    dataset: Literal["digits", "image_folder"] = "digits"
     path: Optional[str] = None  # image_folder only
     random_flip: bool = False
     class_labels: bool = False  # image_folder: one class per sub-folder
-    num_workers: int = 0
+    num_workers: int = non_negative(0)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/digits"
     seed: int = 0
-    batch_size: int = 32  # per device
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 4000
-    lr: float = 2e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0  # 0 disables clipping
-    ema_decay: float = 0.999
+    batch_size: int = positive(32)  # per device
+    gradient_accumulation_steps: int = positive(1)
+    max_steps: int = positive(4000)
+    lr: float = positive(2e-4)
+    warmup_steps: int = non_negative(200)
+    weight_decay: float = non_negative(0.0)
+    adam_beta1: float = unit_interval(0.9)
+    adam_beta2: float = unit_interval(0.999)
+    grad_clip: float = non_negative(1.0)  # 0 disables clipping
+    ema_decay: float = unit_interval(0.999)
     ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step) early in training
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    label_dropout: float = 0.1  # class-conditional models: fraction of labels replaced by null
-    log_every: int = 50
-    sample_every: int = 1000
-    sample_images: int = 16  # images in the grids written every sample_every steps
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    label_dropout: float = unit_interval(0.1)  # class-conditional models: fraction of labels replaced by null
+    log_every: int = positive(50)
+    sample_every: int = positive(1000)
+    sample_images: int = positive(16)  # images in the grids written every sample_every steps
+    checkpoint_every: int = positive(1000)
+    keep_checkpoints: int = positive(2)
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
     overwrite: bool = False
-    cpu: bool = False  # force the CPU even where a GPU is present
-    cpu_threads: int = 0  # CPU runs: torch's intra-op threads; 0 keeps torch's default (one per core)
+
+    def images_per_step(self, processes: int) -> int:
+        """Images one optimizer step sees over all processes: the effective batch."""
+        return self.batch_size * self.gradient_accumulation_steps * processes
 
 
 @dataclass
 class SampleConfig:
-    scheduler: str = "ddim"  # ddpm | ddim | dpm-solver++
-    num_inference_steps: int = 50
-    num_images: int = 64
-    batch_size: int = 64
+    scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddim"
+    num_inference_steps: int = positive(50)
+    num_images: int = positive(64)
+    batch_size: int = positive(64)
     seed: int = 0
     class_labels: Optional[list[int]] = None  # cycled over the images; None: unconditional
-    guidance_scale: float = 1.0
+    guidance_scale: float = non_negative(1.0)
     output_dir: Optional[str] = None  # None: <run dir>/generated
     use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = setting(500, low=2)  # images generated per evaluation; the floor uses as many real ones
+    kid_subsets: int = setting(100, low=2)
+    kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
+    coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
+    seed: int = 0  # picks the floor's real images and the KID subsets
+    extractor: Optional[str] = None  # "module:factory"; None: the digits classifier
+    cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
+    reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes on this machine, not what it is: changeable on resume, when sampling
+    and when evaluating, and never part of a model's identity."""
+
+    backend: Literal["auto", "triton", "torch"] = "auto"  # group_norm_silu: auto is Triton on CUDA
+    cpu: bool = False  # run on the CPU even where a GPU is present
+    cpu_threads: int = non_negative(0)  # torch's CPU threads; 0 keeps torch's default (one per core)
+    compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"
+    channels_last: bool = False
+    deterministic: bool = True  # bit-exact resume; false allows cudnn.benchmark, TF32, autotuning
 
 
 @dataclass
@@ -107,36 +157,19 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "model.kernels": ("auto", "triton", "torch"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
-    "data.dataset": ("digits", "image_folder"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "sample.scheduler": ("ddpm", "ddim", "dpm-solver++"),
+# Keys that moved, read from older configs and command lines with a note naming the new key.
+MOVED = {
+    "model.kernels": "runtime.backend",
+    "train.cpu": "runtime.cpu",
+    "train.cpu_threads": "runtime.cpu_threads",
 }
-
-POSITIVE = [
-    "model.image_size", "model.in_channels", "model.out_channels", "model.base_channels",
-    "model.num_res_blocks", "model.attention_heads", "model.groups", "model.norm_eps",
-    "diffusion.num_train_timesteps", "diffusion.beta_start", "diffusion.beta_end",
-    "train.batch_size", "train.gradient_accumulation_steps", "train.max_steps", "train.lr",
-    "train.log_every", "train.sample_every", "train.sample_images", "train.checkpoint_every", "train.keep_checkpoints",
-    "sample.num_inference_steps", "sample.num_images", "sample.batch_size",
-]
-NON_NEGATIVE = [
-    "model.num_classes", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-    "data.num_workers", "sample.guidance_scale", "train.cpu_threads",
-]
-UNIT_INTERVAL = [  # [0, 1)
-    "model.dropout", "train.ema_decay", "train.label_dropout", "train.adam_beta1",
-    "train.adam_beta2",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,20 +178,21 @@ UNIT_INTERVAL = [  # [0, 1)
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply `key=value` overrides,
-    and validate the result."""
+    and check the result."""
     raw = read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(raw, overrides))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict (as written by `Config.to_dict`)."""
-    cfg = build_typed(Config, raw, prefix="")
+    """Build and check a Config from a nested dict (as written by `Config.to_dict`, or an older
+    run's config.yaml, whose moved keys are read under their new names)."""
+    cfg = build_typed(Config, move_old_keys(raw), prefix="")
     validate(cfg)
     return cfg
 
 
 def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """A validated copy of `cfg` with `section.key=value` overrides applied."""
+    """A checked copy of `cfg` with `section.key=value` overrides applied."""
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
@@ -186,10 +220,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of section names to settings (e.g. model: ..., train: ...).")
-    return raw
+    return move_old_keys(raw)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
+    """(dotted key, YAML value) of `key=value`; a moved key is given its new name."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -198,7 +233,34 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # a plain string that YAML cannot read, such as 'a: b'
-    return key, value
+    return _new_name(key), value
+
+
+def move_old_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move the keys of MOVED to their new place in a nested dict (in place); returns `raw`.
+    Where both are given, the new key wins."""
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            value = values.pop(key)
+            new_section, new_key = new.split(".")
+            target = raw.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, value)
+            _note_moved(old)
+    return raw
+
+
+def _new_name(key: str) -> str:
+    if key in MOVED:
+        _note_moved(key)
+        return MOVED[key]
+    return key
+
+
+def _note_moved(old: str) -> None:
+    print(f"note: {old} is now {MOVED[old]}; read as {MOVED[old]}.", file=sys.stderr)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -213,11 +275,12 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Typed construction
+# Typed construction: types, choices and ranges are judged here, field by field
 
 
 def build_typed(cls: type, raw: Any, prefix: str) -> Any:
-    """An instance of dataclass `cls` from a nested dict: unknown keys and wrong types are ConfigErrors."""
+    """An instance of dataclass `cls` from a nested dict: unknown keys, wrong types, values
+    outside a Literal's choices or a field's bounds, and non-finite numbers are ConfigErrors."""
     name = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"'{name}' must be a mapping of keys to values, not {type(raw).__name__}.")
@@ -233,6 +296,7 @@ def build_typed(cls: type, raw: Any, prefix: str) -> Any:
             values[key] = build_typed(kind, value if value is not None else {}, f"{prefix}{key}.")
         else:
             values[key] = _coerce(value, kind, f"{prefix}{key}")
+            _check_bounds(values[key], fields[key].metadata.get("bounds"), f"{prefix}{key}")
     return cls(**values)
 
 
@@ -250,6 +314,11 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], name)
+    if origin is Literal:
+        options = typing.get_args(kind)
+        if value not in options:
+            raise ConfigError(f"'{name}' is {value!r}; choose one of {', '.join(options)}.")
+        return value
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -266,60 +335,65 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"'{name}' must be a finite number, got {value!r}.")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"'{name}' must be {_describe(kind)}, got {value!r}.")
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_bounds(value: Any, bounds: dict | None, name: str) -> None:
+    if bounds is None or value is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        lo, hi = bounds["low"], bounds["high"]
+        below = lo is not None and (item <= lo if bounds["low_open"] else item < lo)
+        above = hi is not None and (item >= hi if bounds["high_open"] else item > hi)
+        if below or above:
+            raise ConfigError(f"'{name}' must be {_describe_bounds(bounds)}, got {value}.")
+
+
+def _describe_bounds(b: dict) -> str:
+    lo, hi = b["low"], b["high"]
+    if hi is None:
+        if lo == 0:
+            return "positive" if b["low_open"] else "non-negative"
+        return f"{'above' if b['low_open'] else 'at least'} {lo}"
+    return f"in {'(' if b['low_open'] else '['}{lo}, {hi}{')' if b['high_open'] else ']'}"
+
+
 def _describe(kind: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: the one place that judges values
+# Checks across settings (no model or hardware needed)
 
 
 def validate(cfg: Config) -> None:
-    for key, options in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in options:
-            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(options)}.")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"'{key}' must be positive, got {value}.")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"'{key}' must not be negative, got {_get(cfg, key)}.")
-    for key in UNIT_INTERVAL:
-        value = _get(cfg, key)
-        if not 0 <= value < 1:
-            raise ConfigError(f"'{key}' must be in [0, 1), got {value}.")
-    _validate_model(cfg.model)
+    if not cfg.model.channel_mult:
+        raise ConfigError("'model.channel_mult' must be a non-empty list of positive integers, got [].")
     _validate_data(cfg)
     _validate_diffusion(cfg.diffusion)
     _validate_sample(cfg)
     _validate_train(cfg.train)
     _validate_conditioning(cfg)
-    _validate_kernels(cfg)
-
-
-def _validate_kernels(cfg: Config) -> None:
-    """kernels=triton needs CUDA (or TRITON_INTERPRET=1), also where train.cpu forces the CPU."""
-    if cfg.model.kernels == "triton":
-        import torch
-
-        from .kernels import require_triton
-
-        require_triton(torch.device("cpu") if cfg.train.cpu else None)
+    _validate_extractor(cfg.eval)
 
 
 def _validate_conditioning(cfg: Config) -> None:
@@ -334,61 +408,6 @@ def _validate_conditioning(cfg: Config) -> None:
 def _validate_train(t: TrainConfig) -> None:
     if t.resume is not None and t.overwrite:
         raise ConfigError("train.resume and train.overwrite are both set; set one: resume continues a run, overwrite replaces it.")
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
-
-
-def _validate_model(m: ModelConfig) -> None:
-    from .norms import available_norms, norm_uses_groups
-    from .unet import norm_widths
-
-    if m.norm not in available_norms():
-        raise ConfigError(f"'model.norm' is {m.norm!r}; choose one of {', '.join(available_norms())}.")
-    if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
-        raise ConfigError(f"'model.channel_mult' must be a non-empty list of positive integers, got {m.channel_mult}.")
-    levels = len(m.channel_mult)
-    if m.image_size % 2 ** (levels - 1):
-        raise ConfigError(
-            f"'model.image_size' {m.image_size} cannot be halved {levels - 1} times for {levels} levels; "
-            f"use a multiple of {2 ** (levels - 1)} or fewer channel_mult entries."
-        )
-    resolutions = {m.image_size // 2**i for i in range(levels)}
-    missing = sorted(set(m.attention_resolutions) - resolutions)
-    if missing:
-        raise ConfigError(
-            f"'model.attention_resolutions' {missing} is not a resolution of this U-Net; choose from {sorted(resolutions)}."
-        )
-    _validate_attention(m)
-    _validate_groups(m, norm_uses_groups, norm_widths)
-
-
-def _validate_attention(m: ModelConfig) -> None:
-    widths = sorted({m.base_channels * mult for i, mult in enumerate(m.channel_mult)
-                     if m.image_size // 2**i in m.attention_resolutions})
-    bad = [w for w in widths if w % m.attention_heads]
-    if bad:
-        raise ConfigError(
-            f"'model.attention_heads' {m.attention_heads} does not divide attention width(s) {bad}; "
-            f"use a divisor such as {math.gcd(*bad)}."
-        )
-
-
-def _validate_groups(m: ModelConfig, norm_uses_groups, norm_widths) -> None:
-    """Group counts must divide every width a norm sees, including the skip concatenations."""
-    if not norm_uses_groups(m.norm):  # batch, layer, instance, ... ignore model.groups
-        return
-    widths = norm_widths(m.base_channels, m.channel_mult, m.num_res_blocks)
-    bad = sorted(w for w in set(widths) if w % m.groups)
-    if bad:
-        fit = math.gcd(*widths)
-        fit = max(d for d in range(1, min(fit, m.groups) + 1) if fit % d == 0)
-        raise ConfigError(
-            f"'model.groups' {m.groups} does not divide the channel width(s) {bad} that a norm sees; "
-            f"set model.groups={fit} or change model.base_channels/channel_mult."
-        )
 
 
 def _validate_data(cfg: Config) -> None:
@@ -416,3 +435,8 @@ def _validate_sample(cfg: Config) -> None:
         if bad:
             what = "the model is unconditional" if n == 0 else f"labels run from 0 to {n - 1}"
             raise ConfigError(f"'sample.class_labels' {bad} are not classes of this model ({what}).")
+
+
+def _validate_extractor(e: EvalConfig) -> None:
+    if e.extractor is not None and ":" not in e.extractor:
+        raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:inception.")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import UserError
+from .images import from_uint8
 
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 297  # the held-out split: 1500 train + 297 held-out of 1797 images
@@ -57,7 +58,7 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = self.images[i]
         if image.dtype == torch.uint8:
-            image = image.float() / 127.5 - 1
+            image = from_uint8(image)
         return {"image": image, "label": self.labels[i]}
 
 

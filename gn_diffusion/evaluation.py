@@ -30,6 +30,7 @@ from torch import nn
 from .config import Config, apply_overrides, build_typed, parse_override
 from .data import DIGITS_CLASSES, digits_arrays
 from .errors import ConfigError, UserError
+from .images import from_uint8
 
 CACHE_ENV = "GN_DIFFUSION_CACHE"
 
@@ -471,7 +472,7 @@ def evaluator_for(cfg: Config, settings: EvalSettings) -> Evaluator:
 
     def folder_images(path: str) -> torch.Tensor:
         images, _, _ = image_folder_arrays(path, m.image_size, m.in_channels, class_labels=False)
-        return images.float() / 127.5 - 1
+        return from_uint8(images)
 
     return Evaluator(extractor, folder_images(settings.reference_dir), folder_images(cfg.data.path),
                      settings=settings, name=settings.extractor)

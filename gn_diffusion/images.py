@@ -1,4 +1,4 @@
-"""Image files: tensors in [-1, 1] to uint8 arrays, PNG grids and single PNGs."""
+"""Image files: uint8 to and from tensors in [-1, 1], PNG grids and single PNGs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1], any shape."""
+    return images.float() / 127.5 - 1
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

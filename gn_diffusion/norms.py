@@ -1,7 +1,10 @@
-"""Normalization layers chosen by name, and the one norm+activation call site of the U-Net.
+"""Normalization layers chosen by name, all called the same way: `norm(x, scale, shift, act)`.
 
-Adding a kind is one decorated function: `@register_norm("name")` on a builder
-`(num_channels, groups, eps, affine) -> nn.Module`.
+Every kind computes `act(norm(x) * (1 + scale) + shift)` with scale/shift of shape [N, C]
+(AdaGN), so the U-Net never asks which kind it holds, and the group kinds can fuse all of it into
+one kernel. Adding a kind is one decorated function: `@register_norm("name")` on a builder
+`(num_channels, groups, eps, affine, backend) -> module` whose forward is
+`(x, scale=None, shift=None, act=False)`; `ModulatedNorm` gives that call to any plain norm.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import group_norm_silu
+from .kernels import BACKENDS, group_norm_silu
 
-NormBuilder = Callable[[int, int, float, bool], nn.Module]
+NormBuilder = Callable[[int, int, float, bool, str], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -42,79 +45,27 @@ def available_norms() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_norm_name(kind: str, key: str = "model.norm") -> None:
+    """The registry is the one judge of norm names."""
+    if kind not in _REGISTRY:
+        raise ConfigError(f"'{key}' is {kind!r}; choose one of {', '.join(available_norms())}.")
+
+
 def norm_uses_groups(kind: str) -> bool:
+    check_norm_name(kind)
     return _REGISTRY[kind].uses_groups
 
 
-def make_norm(kind: str, num_channels: int, *, groups: int = 32, eps: float = 1e-5, affine: bool = True) -> nn.Module:
-    if kind not in _REGISTRY:
-        raise ConfigError(f"unknown norm kind {kind!r}; choose one of {', '.join(available_norms())}.")
-    return _REGISTRY[kind].build(num_channels, groups, eps, affine)
+def make_norm(kind: str, num_channels: int, *, groups: int = 32, eps: float = 1e-5, affine: bool = True,
+              backend: str = "auto") -> nn.Module:
+    check_norm_name(kind)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return _REGISTRY[kind].build(num_channels, groups, eps, affine, backend)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are float32 whatever the input dtype (improved-diffusion's
-    GroupNorm32); its output has the input's dtype. `kernels` picks the implementation."""
-
-    kernels: str = "auto"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_act(x, act=False)
-
-    def forward_act(self, x, scale=None, shift=None, act: bool = True) -> torch.Tensor:
-        return group_norm_silu(
-            x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift,
-            act="silu" if act else None, backend=self.kernels,
-        )
-
-
-@register_norm("group", uses_groups=True)
-def _group(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    return GroupNorm32(groups, num_channels, eps=eps, affine=affine)
-
-
-@register_norm("layer")
-def _layer(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    # Statistics over (C, H, W) per sample with a per-channel affine: GroupNorm with one group.
-    return GroupNorm32(1, num_channels, eps=eps, affine=affine)
-
-
-@register_norm("instance")
-def _instance(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    # Per-sample, per-channel statistics in train and eval alike (no running statistics).
-    return GroupNorm32(num_channels, num_channels, eps=eps, affine=affine)
-
-
-@register_norm("batch")
-def _batch(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    return nn.BatchNorm2d(num_channels, eps=eps, affine=affine)
-
-
-@register_norm("sync_batch")
-def _sync_batch(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    return nn.SyncBatchNorm(num_channels, eps=eps, affine=affine)
-
-
-@register_norm("none")
-def _none(num_channels: int, groups: int, eps: float, affine: bool) -> nn.Module:
-    return nn.Identity()
-
-
-def norm_act(
-    norm: nn.Module,
-    x: torch.Tensor,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
-    act: bool = True,
-) -> torch.Tensor:
-    """`silu(norm(x) * (1 + scale) + shift)` with scale/shift of shape [N, C] (AdaGN).
-
-    Every norm+activation of the U-Net goes through here, so the fused GroupNorm+SiLU kernel
-    replaces all of them at once.
-    """
-    if isinstance(norm, GroupNorm32):
-        return norm.forward_act(x, scale, shift, act)
-    h = norm(x)
+def modulate(h: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], act: bool) -> torch.Tensor:
+    """act(h * (1 + scale) + shift) for a normalized h and [N, C] scale/shift (either may be None)."""
     if scale is not None:
         h = h * (1 + scale[:, :, None, None].to(h.dtype))
     if shift is not None:
@@ -122,8 +73,77 @@ def norm_act(
     return F.silu(h) if act else h
 
 
-def set_kernels(model: nn.Module, kernels: str) -> None:
-    """Choose the group_norm_silu implementation (auto | triton | torch) for every group norm."""
-    for module in model.modules():
-        if isinstance(module, GroupNorm32):
-            module.kernels = kernels
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are float32 whatever the input dtype (improved-diffusion's
+    GroupNorm32), fused with AdaGN and SiLU; its output has the input's dtype. `backend` picks
+    the group_norm_silu implementation (auto | triton | torch)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 backend: str = "auto"):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.backend = backend
+
+    def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
+        return group_norm_silu(
+            x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift,
+            act="silu" if act else None, backend=self.backend,
+        )
+
+
+class BatchNorm(nn.BatchNorm2d):
+    def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
+        return modulate(super().forward(x), scale, shift, act)
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
+        return modulate(super().forward(x), scale, shift, act)
+
+
+class ModulatedNorm(nn.Module):
+    """Any plain norm module (or none) with the (x, scale, shift, act) call."""
+
+    def __init__(self, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
+        return modulate(self.norm(x), scale, shift, act)
+
+
+@register_norm("group", uses_groups=True)
+def _group(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    return GroupNorm32(groups, num_channels, eps=eps, affine=affine, backend=backend)
+
+
+@register_norm("layer")
+def _layer(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    # Statistics over (C, H, W) per sample with a per-channel affine: GroupNorm with one group.
+    return GroupNorm32(1, num_channels, eps=eps, affine=affine, backend=backend)
+
+
+@register_norm("instance")
+def _instance(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    # Per-sample, per-channel statistics in train and eval alike (no running statistics).
+    return GroupNorm32(num_channels, num_channels, eps=eps, affine=affine, backend=backend)
+
+
+@register_norm("batch")
+def _batch(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    return BatchNorm(num_channels, eps=eps, affine=affine)
+
+
+@register_norm("sync_batch")
+def _sync_batch(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    return SyncBatchNorm(num_channels, eps=eps, affine=affine)
+
+
+@register_norm("none")
+def _none(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
+    return ModulatedNorm()
+
+
+def norm_act(norm: nn.Module, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
+             shift: Optional[torch.Tensor] = None, act: bool = True) -> torch.Tensor:
+    """`silu(norm(x) * (1 + scale) + shift)`: the U-Net's one norm+activation call."""
+    return norm(x, scale, shift, act)

@@ -21,7 +21,7 @@ from .errors import UserError
 CONFIG_FILE = "config.yaml"
 RUN_FILES = (CONFIG_FILE, "checkpoints", "model", "samples", "logs")
 # Settings a resumed run may change: they do not alter what has been trained so far.
-RESUMABLE = ("train.", "sample.", "data.num_workers", "model.kernels", "model.gradient_checkpointing")
+RESUMABLE = ("train.", "sample.", "eval.", "runtime.", "data.num_workers", "model.gradient_checkpointing")
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

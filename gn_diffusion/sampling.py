@@ -7,13 +7,14 @@ on how many processes share the work.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import MODEL_FILE, latest_checkpoint
-from .config import Config, load_config, with_overrides
+from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import UserError
 from .images import save_grid, save_pngs, to_uint8
@@ -35,14 +36,17 @@ def model_dir(path: str | Path) -> Path:
                     "pass a finished run's output folder or its model/ folder.")
 
 
-def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[GNUNet, Config]:
+def load_model(path: str | Path, *, use_ema: bool = True,
+               runtime: RuntimeConfig | None = None) -> tuple[GNUNet, Config]:
     """The exported (EMA) model of a run, in eval mode, and the run's Config.
 
-    With `use_ema=False` the raw weights of the run's latest checkpoint are loaded instead.
+    The run's own runtime settings said how it ran where it trained; the model runs here with
+    `runtime` (default: RuntimeConfig()). With `use_ema=False` the raw weights of the run's
+    latest checkpoint are loaded instead.
     """
     folder = model_dir(path)
-    cfg = load_config(folder / CONFIG_FILE)
-    model = build_unet(cfg.model)
+    cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
+    model = build_unet(cfg.model, cfg.runtime.backend)
     weights = folder / WEIGHTS_NAME
     if not use_ema:
         checkpoint = latest_checkpoint(folder.parent)
@@ -139,14 +143,14 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     from accelerate import Accelerator
 
     folder = model_dir(path)
-    run_cfg = load_config(folder / CONFIG_FILE)
+    fixed = [key for key, _ in map(parse_override, overrides) if not key.startswith(("sample.", "runtime."))]
+    if fixed:
+        raise UserError(f"sample.py takes only sample.* and runtime.* settings (got {fixed[0]}); "
+                        "train another model to change the others.")
+    run_cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=RuntimeConfig())
     cfg = with_overrides(run_cfg, overrides)
-    changed = [k for k in ("model", "diffusion", "data", "train") if getattr(cfg, k) != getattr(run_cfg, k)]
-    if changed:
-        raise UserError(f"sample.py takes only sample.* settings (got a change to {changed[0]}.*); "
-                        "train another model to change those.")
-    model, _ = load_model(folder, use_ema=cfg.sample.use_ema)
-    accelerator = Accelerator(cpu=cfg.train.cpu)
+    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
+    accelerator = Accelerator(cpu=cfg.runtime.cpu)
     model.to(accelerator.device)
     images, labels = generate(model, cfg, accelerator=accelerator)
     out = Path(cfg.sample.output_dir or folder.parent / "generated")

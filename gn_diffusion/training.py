@@ -70,7 +70,7 @@ def make_accelerator(cfg: Config):
     try:
         return Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            cpu=t.cpu, log_with="tensorboard", project_config=project,
+            cpu=cfg.runtime.cpu, log_with="tensorboard", project_config=project,
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"train.mixed_precision={t.mixed_precision} is not available here ({exc}); "
@@ -138,10 +138,10 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu" and t.cpu_threads:
-        torch.set_num_threads(t.cpu_threads)
+    if accelerator.device.type == "cpu" and cfg.runtime.cpu_threads:
+        torch.set_num_threads(cfg.runtime.cpu_threads)
     set_seed(t.seed)  # before the model is built: same seed, same initial weights
-    model = build_unet(cfg.model)
+    model = build_unet(cfg.model, cfg.runtime.backend)
     dataset, _ = build_dataset(cfg)
     resume_from = plan_output_dir(cfg, model)
     accelerator.wait_for_everyone()

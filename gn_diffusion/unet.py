@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -14,7 +15,8 @@ from diffusers.utils import BaseOutput
 from einops import rearrange
 from torch import nn
 
-from .norms import make_norm, norm_act, set_kernels
+from .errors import ConfigError
+from .norms import check_norm_name, make_norm, norm_act, norm_uses_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,18 +95,21 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 @dataclass(frozen=True)
 class NormSpec:
+    """Every norm layer of one U-Net: its kind, group count, epsilon and kernel backend."""
+
     kind: str
     groups: int
     eps: float
+    backend: str
 
     def make(self, channels: int) -> nn.Module:
-        return make_norm(self.kind, channels, groups=self.groups, eps=self.eps)
+        return make_norm(self.kind, channels, groups=self.groups, eps=self.eps, backend=self.backend)
 
 
 class ResBlock(nn.Module):
     """norm -> SiLU -> conv -> AdaGN(norm, emb) -> SiLU -> dropout -> conv (zero-init), + skip."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, norm: NormSpec, scale_shift: bool, upsample=False):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, norm: NormSpec, scale_shift: bool):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = norm.make(in_ch)
@@ -187,28 +192,32 @@ class GNUNet(ModelMixin, ConfigMixin):
     round-trip in safetensors and DDPMPipeline/DDIMPipeline run it unchanged."""
 
     _supports_gradient_checkpointing = True
+    ignore_for_config = ["backend"]  # how the norms run here, not part of the model
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 16,
-        in_channels: int = 1,
-        out_channels: Optional[int] = None,
-        base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2),
-        num_res_blocks: int = 2,
-        attention_resolutions: Sequence[int] = (8,),
-        attention_heads: int = 1,
-        dropout: float = 0.0,
-        norm: str = "group",
-        groups: int = 32,
-        norm_eps: float = 1e-5,
-        scale_shift: bool = True,
-        num_classes: int = 0,
+        *,
+        sample_size: int,
+        in_channels: int,
+        out_channels: Optional[int],
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        attention_heads: int,
+        dropout: float,
+        norm: str,
+        groups: int,
+        norm_eps: float,
+        scale_shift: bool,
+        num_classes: int,
+        backend: str = "auto",
     ):
+        # No defaults here: ModelConfig holds them, and build_unet passes every field.
         super().__init__()
         self.gradient_checkpointing = False
-        norm_spec = NormSpec(norm, groups, norm_eps)
+        norm_spec = NormSpec(norm, groups, norm_eps, backend)
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -280,26 +289,67 @@ class GNUNet(ModelMixin, ConfigMixin):
         return block(h, emb)
 
 
-def build_unet(model_cfg) -> GNUNet:
-    """Build the U-Net of a (validated) ModelConfig."""
-    m = model_cfg
-    model = GNUNet(
-        sample_size=m.image_size,
-        in_channels=m.in_channels,
-        out_channels=m.out_channels,
-        base_channels=m.base_channels,
-        channel_mult=list(m.channel_mult),
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=list(m.attention_resolutions),
-        attention_heads=m.attention_heads,
-        dropout=m.dropout,
-        norm=m.norm,
-        groups=m.groups,
-        norm_eps=m.norm_eps,
-        scale_shift=m.scale_shift,
-        num_classes=m.num_classes,
-    )
-    set_kernels(model, m.kernels)
-    if m.gradient_checkpointing:
+def unet_arguments(model_cfg) -> dict:
+    """GNUNet's constructor arguments from a ModelConfig: every field but the training-only ones."""
+    args = dataclasses.asdict(model_cfg)
+    args.pop("gradient_checkpointing")
+    args["sample_size"] = args.pop("image_size")
+    return args
+
+
+def build_unet(model_cfg, backend: str = "auto") -> GNUNet:
+    """Build the U-Net of a ModelConfig (checked first) whose norms run on `backend`."""
+    check_model_config(model_cfg)
+    model = GNUNet(**unet_arguments(model_cfg), backend=backend)
+    if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-shape checks: run by build_unet, and by training before any folder is touched
+
+
+def check_model_config(m) -> None:
+    """A ConfigError naming the fix unless a U-Net of this ModelConfig can be built."""
+    check_norm_name(m.norm)
+    levels = len(m.channel_mult)
+    if m.image_size % 2 ** (levels - 1):
+        raise ConfigError(
+            f"'model.image_size' {m.image_size} cannot be halved {levels - 1} times for {levels} levels; "
+            f"use a multiple of {2 ** (levels - 1)} or fewer channel_mult entries."
+        )
+    resolutions = {m.image_size // 2**i for i in range(levels)}
+    missing = sorted(set(m.attention_resolutions) - resolutions)
+    if missing:
+        raise ConfigError(
+            f"'model.attention_resolutions' {missing} is not a resolution of this U-Net; choose from {sorted(resolutions)}."
+        )
+    _check_attention_heads(m)
+    _check_groups(m)
+
+
+def _check_attention_heads(m) -> None:
+    widths = sorted({m.base_channels * mult for i, mult in enumerate(m.channel_mult)
+                     if m.image_size // 2**i in m.attention_resolutions})
+    bad = [w for w in widths if w % m.attention_heads]
+    if bad:
+        raise ConfigError(
+            f"'model.attention_heads' {m.attention_heads} does not divide attention width(s) {bad}; "
+            f"use a divisor such as {math.gcd(*bad)}."
+        )
+
+
+def _check_groups(m) -> None:
+    """Group counts must divide every width a norm sees, including the skip concatenations."""
+    if not norm_uses_groups(m.norm):  # batch, layer, instance, ... ignore model.groups
+        return
+    widths = norm_widths(m.base_channels, m.channel_mult, m.num_res_blocks)
+    bad = sorted(w for w in set(widths) if w % m.groups)
+    if bad:
+        fit = math.gcd(*widths)
+        fit = max(d for d in range(1, min(fit, m.groups) + 1) if fit % d == 0)
+        raise ConfigError(
+            f"'model.groups' {m.groups} does not divide the channel width(s) {bad} that a norm sees; "
+            f"set model.groups={fit} or change model.base_channels/channel_mult."
+        )

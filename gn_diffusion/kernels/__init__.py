@@ -36,11 +36,11 @@ def triton_unavailable_reason(device: Optional[torch.device] = None) -> Optional
 
 
 def require_triton(device: Optional[torch.device] = None) -> None:
-    """Raise a ConfigError naming the fix when model.kernels=triton cannot run."""
+    """Raise a ConfigError naming the fix when runtime.backend=triton cannot run."""
     reason = triton_unavailable_reason(device)
     if reason:
         raise ConfigError(
-            f"model.kernels is 'triton' but {reason}; set model.kernels=auto (Triton on CUDA, PyTorch "
+            f"runtime.backend is 'triton' but {reason}; set runtime.backend=auto (Triton on CUDA, PyTorch "
             "elsewhere) or torch, or set TRITON_INTERPRET=1 to emulate the kernels on the CPU (slow)."
         )
 
