@@ -57,6 +57,14 @@ def load_model(path: str | Path, *, use_ema: bool = True,
     return model.eval(), cfg
 
 
+def every_class_once(cfg: Config, num_images: int) -> Config:
+    """cfg whose sampling makes `num_images` images; a class-conditional model with no
+    sample.class_labels asks for every class in turn (so a grid has one column per class)."""
+    classes = list(range(cfg.model.num_classes)) or None
+    sample = dataclasses.replace(cfg.sample, num_images=num_images, class_labels=cfg.sample.class_labels or classes)
+    return dataclasses.replace(cfg, sample=sample)
+
+
 def image_labels(cfg: Config) -> torch.Tensor:
     """Image i's class: sample.class_labels cycled, or -1 (unconditional)."""
     s = cfg.sample

@@ -10,7 +10,6 @@ resuming gives the same weights as never stopping.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .ema import EMA
 from .errors import UserError
 from .images import save_grid
 from .model_io import export_model
+from .threads import set_cpu_threads
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .unet import build_unet
 
@@ -77,18 +77,10 @@ def make_accelerator(cfg: Config):
                         "use train.mixed_precision=no or bf16.") from None
 
 
-def grid_config(cfg: Config, num_images: int) -> Config:
-    """cfg.sample for a training grid: `num_images`, and one row per class if conditional."""
-    classes = list(range(cfg.model.num_classes)) or None
-    sample = dataclasses.replace(cfg.sample, num_images=num_images, class_labels=cfg.sample.class_labels or classes)
-    return dataclasses.replace(cfg, sample=sample)
-
-
 def save_training_grid(ema: EMA, cfg: Config, path: Path, num_images: int) -> Path:
-    from .sampling import generate
+    from .sampling import every_class_once, generate
 
-    grid_cfg = grid_config(cfg, num_images)
-    images, _ = generate(ema.model, grid_cfg, progress=False)
+    images, _ = generate(ema.model, every_class_once(cfg, num_images), progress=False)
     nrow = cfg.model.num_classes or None
     return save_grid(images, path, nrow=nrow, upscale=max(1, 128 // cfg.model.image_size))
 
@@ -138,8 +130,8 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu" and cfg.runtime.cpu_threads:
-        torch.set_num_threads(cfg.runtime.cpu_threads)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.runtime.cpu_threads)
     set_seed(t.seed)  # before the model is built: same seed, same initial weights
     model = build_unet(cfg.model, cfg.runtime.backend)
     dataset, _ = build_dataset(cfg)
