@@ -1,26 +1,26 @@
-"""gn_diffusion: image diffusion models whose U-Net is built around Group Normalization."""
+"""gn_diffusion: image diffusion models whose U-Net is built around Group Normalization.
 
-from .config import (
-    Config,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    SampleConfig,
-    TrainConfig,
-    config_from_dict,
-    load_config,
-    save_config,
-)
-from .errors import ConfigError, UserError
-from .kernels import group_norm_silu
-from .norms import available_norms, make_norm, norm_act, register_norm
-from .unet import GNUNet, build_unet
+Names are imported on first use, so `import gn_diffusion.config` (the bottom of the import
+graph) does not pull in torch or the model.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TrainConfig",
-    "config_from_dict", "load_config", "save_config", "ConfigError", "UserError",
-    "group_norm_silu", "available_norms", "make_norm", "norm_act", "register_norm",
-    "GNUNet", "build_unet",
-]
+_HOMES = {
+    "config": ["Config", "DataConfig", "DiffusionConfig", "EvalConfig", "ModelConfig", "RuntimeConfig",
+               "SampleConfig", "TrainConfig", "config_from_dict", "load_config", "save_config"],
+    "errors": ["ConfigError", "UserError"],
+    "kernels": ["group_norm_silu"],
+    "norms": ["available_norms", "make_norm", "norm_act", "register_norm"],
+    "unet": ["GNUNet", "build_unet"],
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gn_diffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

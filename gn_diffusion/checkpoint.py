@@ -10,29 +10,20 @@ accelerate reads registered objects back with an unrestricted unpickler.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .layout import CHECKPOINT_MODEL_FILE, EMA_FILE, STATE_FILE, RunLayout, checkpoint_step
 from .model_io import check_weights_fit, replace_dir
-
-_STEP_DIR = re.compile(r"step-(\d+)")
-STATE_FILE = "train_state.json"
-EMA_FILE = "ema.safetensors"
-MODEL_FILE = "model.safetensors"  # accelerate's name for the first prepared model
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
-    root = checkpoints_dir(output_dir)
+    root = RunLayout(output_dir).checkpoints
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
+    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
 
 
@@ -43,11 +34,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def check_checkpoint(path: Path, model) -> None:
     """A UserError unless `path` is a complete checkpoint whose weights fit `model`."""
-    missing = [f for f in (STATE_FILE, EMA_FILE, MODEL_FILE) if not (path / f).is_file()]
+    missing = [f for f in (STATE_FILE, EMA_FILE, CHECKPOINT_MODEL_FILE) if not (path / f).is_file()]
     if not path.is_dir() or missing:
         raise UserError(f"{path} is not a training checkpoint (no {missing[0] if path.is_dir() else 'such folder'}); "
                         "set train.resume to a checkpoints/step-<N> folder or to auto.")
-    check_weights_fit(model, path / MODEL_FILE)
+    check_weights_fit(model, path / CHECKPOINT_MODEL_FILE)
     check_weights_fit(model, path / EMA_FILE)
 
 
@@ -55,8 +46,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
     """Called on every process (each writes its RNG state); the main one finishes and renames."""
     from safetensors.torch import save_file
 
-    root = checkpoints_dir(output_dir)
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    layout = RunLayout(output_dir)
+    final, tmp = layout.checkpoint(step), layout.partial_checkpoint(step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

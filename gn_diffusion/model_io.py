@@ -12,8 +12,7 @@ from torch import nn
 
 from .config import Config, save_config
 from .errors import UserError
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what ModelMixin.save_pretrained writes
+from .layout import CONFIG_FILE
 _MAX_HEADER = 100 * 2**20
 
 
@@ -87,6 +86,6 @@ def export_model(model, cfg: Config, folder: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     make_scheduler(cfg.diffusion, "ddpm").save_pretrained(tmp)
-    save_config(cfg, tmp / "config.yaml")
+    save_config(cfg, tmp / CONFIG_FILE)
     replace_dir(tmp, folder)
     return folder

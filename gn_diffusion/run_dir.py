@@ -17,9 +17,7 @@ import yaml
 from .checkpoint import check_checkpoint, latest_checkpoint
 from .config import Config, config_from_dict, save_config
 from .errors import UserError
-
-CONFIG_FILE = "config.yaml"
-RUN_FILES = (CONFIG_FILE, "checkpoints", "model", "samples", "logs")
+from .layout import RunLayout
 # Settings a resumed run may change: they do not alter what has been trained so far.
 RESUMABLE = ("train.", "sample.", "eval.", "runtime.", "data.num_workers", "model.gradient_checkpointing")
 
@@ -37,7 +35,7 @@ def config_differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -
 
 
 def read_run_config(output_dir: Path) -> Config | None:
-    path = output_dir / CONFIG_FILE
+    path = RunLayout(output_dir).config
     if not path.is_file():
         return None
     try:
@@ -47,7 +45,7 @@ def read_run_config(output_dir: Path) -> Config | None:
 
 
 def existing_run_files(output_dir: Path) -> list[Path]:
-    return [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    return [path for path in RunLayout(output_dir).run_files if path.exists()]
 
 
 def plan_output_dir(cfg: Config, model) -> Path | None:
@@ -93,4 +91,4 @@ def claim_output_dir(cfg: Config) -> None:
             print(f"train.overwrite=true: deleting the previous run's {', '.join(p.name for p in found)} in {out}")
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    save_config(cfg, out / CONFIG_FILE)
+    save_config(cfg, RunLayout(out).config)

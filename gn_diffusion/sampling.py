@@ -13,26 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import MODEL_FILE, latest_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import UserError
 from .images import save_grid, save_pngs, to_uint8
-from .model_io import WEIGHTS_NAME, load_weights
-from .run_dir import CONFIG_FILE
+from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, RunLayout
+from .model_io import load_weights
 from .unet import GNUNet, build_unet
 
 
 def model_dir(path: str | Path) -> Path:
     """The model folder of a run's output folder, or `path` itself if it is a model folder."""
     path = Path(path)
-    if (path / "model" / CONFIG_FILE).is_file():
-        return path / "model"
-    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_NAME).is_file():
+    run = RunLayout(path)
+    if (run.model / CONFIG_FILE).is_file():
+        return run.model
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return path
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a training run's output folder or its model/ folder.")
-    raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {WEIGHTS_NAME}); "
+    raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {WEIGHTS_FILE}); "
                     "pass a finished run's output folder or its model/ folder.")
 
 
@@ -47,12 +48,12 @@ def load_model(path: str | Path, *, use_ema: bool = True,
     folder = model_dir(path)
     cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
     model = build_unet(cfg.model, cfg.runtime.backend)
-    weights = folder / WEIGHTS_NAME
+    weights = folder / WEIGHTS_FILE
     if not use_ema:
         checkpoint = latest_checkpoint(folder.parent)
         if checkpoint is None:
             raise UserError(f"{folder.parent} has no checkpoint with raw weights; set sample.use_ema=true.")
-        weights = checkpoint / MODEL_FILE
+        weights = checkpoint / CHECKPOINT_MODEL_FILE
     load_weights(model, weights)
     return model.eval(), cfg
 
@@ -161,7 +162,7 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     model.to(accelerator.device)
     images, labels = generate(model, cfg, accelerator=accelerator)
-    out = Path(cfg.sample.output_dir or folder.parent / "generated")
+    out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     if accelerator.is_main_process:
         save_samples(images, labels, out)
         print(f"wrote {len(images)} images to {out} (grid.png, images/, samples.npz)")

@@ -11,10 +11,12 @@ resuming gives the same weights as never stopping.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
@@ -23,10 +25,21 @@ from .diffusion import seeded_generator, training_loss
 from .ema import EMA
 from .errors import UserError
 from .images import save_grid
+from .kernels import require_triton
+from .layout import RunLayout
 from .model_io import export_model
 from .threads import set_cpu_threads
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
-from .unet import build_unet
+from .unet import GNUNet, build_unet
+
+
+def batches_per_epoch(num_items: int, batch_size: int, world: int) -> int:
+    """Whole global batches in one pass over the data; a UserError if not even one fits."""
+    per_epoch = num_items // (batch_size * world)
+    if per_epoch == 0:
+        raise UserError(f"the data set has {num_items} images, fewer than one batch of {batch_size} x "
+                        f"{world} process(es); lower train.batch_size.")
+    return per_epoch
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -39,10 +52,7 @@ class EpochBatches(Sampler[list[int]]):
     def __init__(self, num_items: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0):
         self.batch_size, self.world, self.rank, self.seed, self.start = batch_size, world, rank, seed, start
         self.num_items = num_items
-        self.per_epoch = num_items // (batch_size * world)
-        if self.per_epoch == 0:
-            raise UserError(f"the data set has {num_items} images, fewer than one batch of {batch_size} x "
-                            f"{world} process(es); lower train.batch_size.")
+        self.per_epoch = batches_per_epoch(num_items, batch_size, world)
 
     def __iter__(self):
         micro, order, order_epoch = self.start, None, -1
@@ -66,7 +76,8 @@ def make_accelerator(cfg: Config):
     from accelerate.utils import ProjectConfiguration
 
     t = cfg.train
-    project = ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs"))
+    layout = RunLayout(t.output_dir)
+    project = ProjectConfiguration(project_dir=str(layout.root), logging_dir=str(layout.logs))
     try:
         return Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -122,20 +133,48 @@ def optimizer_step(accelerator, model, optimizer, data, cfg: Config, lr: float, 
     return losses
 
 
-def train(cfg: Config, *, progress: bool = True) -> Path:
-    """Run (or resume, per train.resume) a training run; returns the output folder."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+@dataclass
+class RunPlan:
+    """A checked run: its config, folder, accelerator, model, data and the checkpoint to resume
+    from. Making it writes nothing."""
 
-    t = cfg.train
-    out = Path(t.output_dir)
+    cfg: Config
+    layout: RunLayout
+    accelerator: Any
+    model: GNUNet
+    dataset: Dataset
+    resume_from: Optional[Path]
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Every check a run can fail (hardware, model, data, batch against data, output folder and
+    checkpoint) before anything is written."""
+    from accelerate.utils import set_seed
+
     accelerator = make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads)
-    set_seed(t.seed)  # before the model is built: same seed, same initial weights
+    if cfg.runtime.backend == "triton":
+        require_triton(accelerator.device)
+    set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
     model = build_unet(cfg.model, cfg.runtime.backend)
     dataset, _ = build_dataset(cfg)
+    batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     resume_from = plan_output_dir(cfg, model)
+    return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from)
+
+
+def train(cfg: Config, *, progress: bool = True) -> Path:
+    """Run (or resume, per train.resume) a training run; returns the output folder."""
+    return run(plan_run(cfg), progress=progress)
+
+
+def run(plan: RunPlan, *, progress: bool = True) -> Path:
+    """Claim the run folder, then train, checkpoint, sample and export as the plan says."""
+    from tqdm.auto import tqdm
+
+    cfg, layout, accelerator, model = plan.cfg, plan.layout, plan.accelerator, plan.model
+    t = cfg.train
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         claim_output_dir(cfg)
@@ -145,16 +184,17 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
                                   weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
-    step = load_checkpoint(accelerator, resume_from, ema) if resume_from else 0
+    step = load_checkpoint(accelerator, plan.resume_from, ema) if plan.resume_from else 0
 
     world, accum = accelerator.num_processes, t.gradient_accumulation_steps
-    effective = t.batch_size * world * accum
+    effective = t.images_per_step(world)
     accelerator.print(f"effective batch {effective} = {t.batch_size} per device x {world} process(es) x {accum} "
-                      f"accumulation step(s); {len(dataset)} images; "
-                      + (f"resuming from {resume_from}" if resume_from else "starting at step 0"))
-    batches = EpochBatches(len(dataset), t.batch_size, world, accelerator.process_index, t.seed, start=step * accum)
+                      f"accumulation step(s); {len(plan.dataset)} images; "
+                      + (f"resuming from {plan.resume_from}" if plan.resume_from else "starting at step 0"))
+    batches = EpochBatches(len(plan.dataset), t.batch_size, world, accelerator.process_index, t.seed, start=step * accum)
     # A dedicated generator: a new loader iterator must not draw from the global RNG (dropout's).
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers, generator=torch.Generator())
+    loader = DataLoader(plan.dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator())
     accelerator.init_trackers("train", config={k: str(v) for k, v in flat_config(cfg).items()})
 
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and accelerator.is_main_process),
@@ -176,17 +216,16 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
             accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate}, step=step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}")
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            save_checkpoint(accelerator, out, step, ema, t.keep_checkpoints)
+            save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints)
         if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
-            save_training_grid(ema, cfg, out / "samples" / f"step-{step:07d}.png", t.sample_images)
+            save_training_grid(ema, cfg, layout.grid(step), t.sample_images)
     bar.close()
 
     if accelerator.is_main_process:
-        export_model(ema.model, cfg, out / "model")
-        grid = save_training_grid(ema, cfg, out / "samples" / "final.png", cfg.sample.num_images)
-        accelerator.print(f"model: {out / 'model'}; samples: {grid}; "
+        export_model(ema.model, cfg, layout.model)
+        grid = save_training_grid(ema, cfg, layout.grid(), cfg.sample.num_images)
+        accelerator.print(f"model: {layout.model}; samples: {grid}; "
                           f"{speed.rate:.1f} images/s over {speed.seconds:.0f} s of training steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return out
-
+    return layout.root

@@ -1,11 +1,94 @@
-"""Small models on a 2-core machine: one OpenMP thread is faster and does not collapse when
-another process shares the CPU (measured: up to 100x slower with two threads under load).
-Subprocesses the tests start inherit the setting."""
+"""Shared test helpers and fixtures.
 
+Small models on a 2-core machine: one OpenMP thread is faster and does not collapse when
+another process shares the CPU (measured: up to 100x slower with two threads under load).
+Subprocesses the tests start inherit the setting.
+"""
+
+import hashlib
 import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the variable, so OpenMP reads it)
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+from gn_diffusion.cli import run_cli  # noqa: E402
+from gn_diffusion.config import load_config  # noqa: E402
+from gn_diffusion.threads import set_cpu_threads  # noqa: E402
+from gn_diffusion.unet import build_unet  # noqa: E402
+
+set_cpu_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+# A digits run that trains a step in milliseconds; used by every training and sampling test.
+TINY = [
+    "model.image_size=8", "model.base_channels=16", "model.groups=8", "model.channel_mult=[1]",
+    "model.num_res_blocks=1", "model.attention_resolutions=[]", "diffusion.num_train_timesteps=100",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_images=4",
+    "sample.num_images=4", "sample.num_inference_steps=3",
+]
+
+
+def tiny_config(output_dir, *overrides):
+    """The TINY digits run writing to `output_dir`, with more overrides."""
+    return load_config(ROOT / "configs" / "digits.yaml", [*TINY, f"train.output_dir={output_dir}", *overrides])
+
+
+def random_model(cfg):
+    """A model with non-trivial weights (the U-Net's output convs start at zero)."""
+    torch.manual_seed(1)
+    model = build_unet(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def launch_two_processes(function, *args):
+    """Run `function(*args)` on two gloo processes with accelerate.debug_launcher, in a fresh
+    interpreter: debug_launcher forks, and a fork of a process that has already run OpenMP
+    work (as pytest's has) hangs in the child's first parallel op."""
+    code = (f"from accelerate import debug_launcher; import {function.__module__} as m; "
+            f"debug_launcher(m.{function.__name__}, args={args!r}, num_processes=2)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=600)
+
+
+def in_each_process(record_dir: str):
+    """Start of a two-process function: check there are two ranks and leave a mark per rank."""
+    from accelerate.state import PartialState
+
+    state = PartialState(cpu=True)
+    assert state.num_processes == 2
+    (Path(record_dir) / f"rank-{state.process_index}-ran").touch()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def script_main(name):
+    """The `main` of an entry script (train.py, sample.py) or of a `python -m` module's file."""
+    return runpy.run_path(str(ROOT / name), run_name="not_main")["main"]
+
+
+def assert_fails_cleanly(capsys, main, args, message, keep: Path):
+    """`main` (an entry script's name, or a main function) refuses `args`: exit 2, one `error:`
+    line holding `message`, no traceback, and every file under `keep` byte-identical."""
+    before = snapshot(keep)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script_main(main) if isinstance(main, str) else main, args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert message in err, err
+    assert snapshot(keep) == before

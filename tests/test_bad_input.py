@@ -1,42 +1,17 @@
 """Bad input to train.py and sample.py: one sentence on stderr, exit status 2, no traceback,
 and every file that was there before is byte-for-byte unchanged."""
 
-import hashlib
-import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 
-from gn_diffusion.cli import run_cli
 from gn_diffusion.config import save_config
-from gn_diffusion.model_io import WEIGHTS_NAME, export_model
-from test_sampling import random_model
-from test_training import TINY, tiny_config
+from gn_diffusion.layout import WEIGHTS_FILE
+from gn_diffusion.model_io import export_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script_main(name):
-    return runpy.run_path(str(ROOT / name), run_name="not_main")["main"]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_fails_cleanly(capsys, script, args, message, keep: Path):
-    before = snapshot(keep)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(script_main(script), args)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert message in err, err
-    assert snapshot(keep) == before
+from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config
 
 
 def train_args(out, *extra):
@@ -84,7 +59,7 @@ def test_train_refuses_a_checkpoint_of_another_architecture(run_dir, tmp_path, c
 
 @pytest.mark.parametrize("damage", ["truncated", "not_safetensors", "other_architecture"])
 def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
-    weights = run_dir / "model" / WEIGHTS_NAME
+    weights = run_dir / "model" / WEIGHTS_FILE
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "not_safetensors":
@@ -101,7 +76,7 @@ def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
     (["sample.num_images=0"], "'sample.num_images' must be positive"),
     (["sample.batch_size=-4"], "'sample.batch_size' must be positive"),
     (["sample.num_inference_steps=0"], "'sample.num_inference_steps' must be positive"),
-    (["model.base_channels=32"], "sample.py takes only sample.* settings"),
+    (["model.base_channels=32"], "sample.py takes only sample.* and runtime.* settings"),
 ])
 def test_sample_refuses_bad_settings(run_dir, capsys, args, message):
     assert_fails_cleanly(capsys, "sample.py", [str(run_dir), *args], message, run_dir)
@@ -131,3 +106,24 @@ def test_the_real_command_line_exits_2_without_traceback(run_dir):
     assert "Traceback" not in done.stderr and done.stderr.strip().startswith("error: ")
     assert "already holds this run" in done.stderr or "different run" in done.stderr
     assert snapshot(run_dir) == before
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_folder_is_made(tmp_path, capsys):
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "train.batch_size=2000"),
+                         "fewer than one batch", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_built_is_refused_before_the_folder_is_made(tmp_path, capsys):
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "model.groups=5"),
+                         "'model.groups' 5 does not divide", tmp_path)
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "model.norm=weight"),
+                         "'model.norm' is 'weight'", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_triton_kernels_where_they_cannot_run_are_refused_before_the_folder_is_made(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "runtime.backend=triton", "runtime.cpu=true"),
+                         "runtime.backend is 'triton' but", tmp_path)
+    assert not (tmp_path / "out").exists()

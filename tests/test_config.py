@@ -1,9 +1,16 @@
 """Config loading, overrides and the one-sentence errors for bad values."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from gn_diffusion import Config, ConfigError, config_from_dict, load_config
 from gn_diffusion.cli import split_args
+from gn_diffusion.unet import check_model_config
+
+from conftest import ROOT
 
 
 def test_overrides_are_typed_and_applied():
@@ -32,8 +39,9 @@ def test_cli_arguments_split_into_config_and_overrides():
 
 
 def message(overrides, path="configs/digits.yaml") -> str:
+    """The one sentence of a config refused by the schema or by the model's own checks."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        check_model_config(load_config(path, overrides).model)
     text = str(info.value)
     assert "\n" not in text
     return text
@@ -57,11 +65,12 @@ def test_channels_not_divisible_by_groups_name_each_width_and_a_fix():
     # 48-channel blocks and the 144 = 96 + 48 skip concatenation on the way up
     assert "48" in text and "144" in text
     assert "set model.groups=24" in text  # the largest count <= 32 dividing every width
-    assert load_config("configs/digits.yaml", ["model.base_channels=48", "model.groups=24"])
+    check_model_config(load_config("configs/digits.yaml", ["model.base_channels=48", "model.groups=24"]).model)
 
 
 def test_groups_are_not_checked_for_norms_without_groups():
     cfg = load_config("configs/digits.yaml", ["model.base_channels=48", "model.norm=layer"])
+    check_model_config(cfg.model)
     assert cfg.model.norm == "layer"
 
 
@@ -82,6 +91,13 @@ def test_unknown_norm_kind_lists_the_choices():
     ("sample.class_labels=[3]", "unconditional"),
     ("model.in_channels=3", "digits dataset is greyscale"),
     ("train.lr", "not of the form section.key=value"),
+    ("train.lr=inf", "'train.lr' must be a finite number"),
+    ("train.grad_clip=nan", "'train.grad_clip' must be a finite number"),
+    ("model.norm_eps=-inf", "'model.norm_eps' must be a finite number"),
+    ("sample.guidance_scale=.inf", "'sample.guidance_scale' must be a finite number"),
+    ("runtime.backend=cuda", "'runtime.backend' is 'cuda'; choose one of auto, triton, torch"),
+    ("runtime.compile=fast", "choose one of none, default, max-autotune, reduce-overhead"),
+    ("eval.num_samples=1", "'eval.num_samples' must be at least 2"),
 ])
 def test_bad_values_get_one_clear_sentence(override, needle):
     assert needle in message([override])
@@ -95,3 +111,34 @@ def test_missing_and_malformed_files(tmp_path):
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     assert "mapping of section names" in message([], path=listy)
+
+
+def test_config_module_imports_nothing_of_the_model():
+    """config.py is the bottom of the import graph: no torch, no unet, norms or kernels."""
+    code = ("import sys; import gn_diffusion.config; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('gn_diffusion.unet', "
+            "'gn_diffusion.norms', 'gn_diffusion.kernels', 'torch.'))]; print(bad[:5])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_moved_keys_are_read_with_a_note_naming_the_new_key(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  kernels: torch\ntrain:\n  cpu: true\n  cpu_threads: 3\n")
+    cfg = load_config(old)
+    assert (cfg.runtime.backend, cfg.runtime.cpu, cfg.runtime.cpu_threads) == ("torch", True, 3)
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == ["note: model.kernels is now runtime.backend; read as runtime.backend.",
+                     "note: train.cpu is now runtime.cpu; read as runtime.cpu.",
+                     "note: train.cpu_threads is now runtime.cpu_threads; read as runtime.cpu_threads."]
+    assert load_config(None, ["train.cpu_threads=2"]).runtime.cpu_threads == 2
+    assert "train.cpu_threads is now runtime.cpu_threads" in capsys.readouterr().err
+    assert load_config(old, ["runtime.backend=auto"]).runtime.backend == "auto"  # the new key wins
+
+
+def test_runtime_settings_are_their_own_section():
+    cfg = load_config("configs/digits.yaml", ["runtime.compile=default", "runtime.channels_last=true"])
+    assert cfg.runtime.compile == "default" and cfg.runtime.channels_last and cfg.runtime.deterministic
+    assert cfg.runtime.cpu_threads == 1  # configs/digits.yaml
+    assert "kernels" not in cfg.to_dict()["model"] and "cpu" not in cfg.to_dict()["train"]

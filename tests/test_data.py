@@ -6,7 +6,7 @@ from PIL import Image
 
 from gn_diffusion.data import build_dataset, image_folder_arrays
 from gn_diffusion.errors import UserError
-from test_training import tiny_config
+from conftest import tiny_config
 
 
 def test_digits_dataset_keeps_labels_and_range(tmp_path):

@@ -4,8 +4,6 @@ leaves the previous checkpoint in charge."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,7 @@ import torch
 
 from gn_diffusion.checkpoint import latest_checkpoint
 from gn_diffusion.training import train
-from test_training import tiny_config
-
-TESTS = Path(__file__).resolve().parent
+from conftest import in_each_process, launch_two_processes, tiny_config
 
 # Dropout, flips, label dropout and accumulation all draw randomness that must resume exactly.
 STRESS = ["model.dropout=0.1", "data.random_flip=true", "model.num_classes=10", "train.gradient_accumulation_steps=2",
@@ -48,25 +44,6 @@ def assert_identical(a, b):
     for index, state in a["optimizer"].items():
         for key, value in state.items():
             assert torch.equal(value, b["optimizer"][index][key]), f"optimizer {index} {key}"
-
-
-def launch_two_processes(function, *args):
-    """Run `function(*args)` on two gloo processes with accelerate.debug_launcher, in a fresh
-    interpreter: debug_launcher forks, and a fork of a process that has already run OpenMP
-    work (as pytest's has) hangs in the child's first parallel op."""
-    code = (f"from accelerate import debug_launcher; import {function.__module__} as m; "
-            f"debug_launcher(m.{function.__name__}, args={args!r}, num_processes=2)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
-    subprocess.run([sys.executable, "-c", code], cwd=TESTS.parent, env=env, check=True, timeout=600)
-
-
-def in_each_process(record_dir: str):
-    """Start of a two-process function: check there are two ranks and leave a mark per rank."""
-    from accelerate.state import PartialState
-
-    state = PartialState(cpu=True)
-    assert state.num_processes == 2
-    (Path(record_dir) / f"rank-{state.process_index}-ran").touch()
 
 
 def _stop_then_resume_on_two_processes(tmp: str):

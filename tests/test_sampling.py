@@ -8,21 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from gn_diffusion.config import RuntimeConfig
 from gn_diffusion.model_io import export_model
 from gn_diffusion.sampling import generate, load_model, sample_main
-from gn_diffusion.unet import build_unet
-from test_resume import in_each_process, launch_two_processes
-from test_training import tiny_config
 
-
-def random_model(cfg):
-    """A model with non-trivial weights (the U-Net's output convs start at zero)."""
-    torch.manual_seed(1)
-    model = build_unet(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
+from conftest import in_each_process, launch_two_processes, random_model, tiny_config
 
 
 @pytest.fixture
@@ -88,12 +78,23 @@ def test_images_do_not_depend_on_process_count(exported):
 def test_load_model_from_run_or_model_dir_round_trips(exported):
     model, cfg = load_model(exported)
     same, cfg2 = load_model(exported / "model")
-    assert cfg == cfg2 == tiny_config(exported, "model.num_classes=10", "sample.scheduler=ddpm", "sample.num_images=8",
-                                      "sample.num_inference_steps=4")
+    trained = tiny_config(exported, "model.num_classes=10", "sample.scheduler=ddpm", "sample.num_images=8",
+                          "sample.num_inference_steps=4")
+    assert cfg == cfg2 == dataclasses.replace(trained, runtime=RuntimeConfig())  # runtime is this machine's
     expected = random_model(cfg).state_dict()
     for name, value in same.state_dict().items():
         assert torch.equal(value, expected[name]), name
     assert not model.training
+
+
+def test_a_run_trained_with_triton_kernels_samples_on_a_cpu(tmp_path):
+    """runtime.* says how the run executed where it trained; it does not follow the model."""
+    cfg = tiny_config(tmp_path / "run", "runtime.backend=triton", "runtime.cpu=true")
+    export_model(random_model(cfg), cfg, tmp_path / "run" / "model")
+    model, loaded = load_model(tmp_path / "run")
+    assert loaded.runtime == RuntimeConfig()
+    out = sample_main(str(tmp_path / "run"), ["sample.num_images=2", "runtime.backend=torch"])
+    assert (out / "grid.png").is_file()
 
 
 def test_sample_main_writes_grid_pngs_and_npz(exported, tmp_path):
