@@ -42,7 +42,8 @@ def check_checkpoint(path: Path, model) -> None:
     check_weights_fit(model, path / EMA_FILE)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: int,
+                    execution: dict | None = None) -> Path:
     """Called on every process (each writes its RNG state); the main one finishes and renames."""
     from safetensors.torch import save_file
 
@@ -55,7 +56,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
+                                                   "execution": execution}))
         replace_dir(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
@@ -63,11 +65,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
     return final
 
 
-def load_checkpoint(accelerator, path: Path, ema) -> int:
-    """Restore model, optimizer, RNG states and EMA; returns the step to continue from."""
+def load_checkpoint(accelerator, path: Path, ema) -> tuple[int, dict | None]:
+    """Restore model, optimizer, RNG states and EMA; returns the step to continue from and the
+    execution settings the checkpoint was made with (None for older checkpoints)."""
     from safetensors.torch import load_file
 
     accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text())
     ema.load_state_dict(load_file(path / EMA_FILE, device="cpu"), state["ema_updates"])
-    return int(state["step"])
+    return int(state["step"]), state.get("execution")

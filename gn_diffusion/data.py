@@ -61,6 +61,17 @@ class TensorImageDataset(Dataset):
             image = from_uint8(image)
         return {"image": image, "label": self.labels[i]}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch in one gather, left in its stored dtype (uint8 images are converted on
+        the training device, by the training step)."""
+        index = torch.as_tensor(indices)
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DataLoader's collate for datasets whose __getitems__ already returns the batch."""
+    return batch
+
 
 # ---------------------------------------------------------------------------------------------
 # A folder of images

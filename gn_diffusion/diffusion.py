@@ -1,14 +1,16 @@
 """The diffusion objective: diffusers noise schedules, the denoising loss, and seeded randomness.
 
-Training draws timesteps, noise, flips and label dropout from a generator seeded by
-(seed, micro-batch index, process rank), never from the global RNG, so a resumed or multi-process
-run draws exactly what an uninterrupted one would.
+Training draws timesteps, noise, flips and label dropout on the training device from a generator
+seeded by (seed, micro-batch index, process rank), never from the global RNG, so a resumed or
+multi-process run draws exactly what an uninterrupted one would. (CPU and CUDA generators draw
+different numbers: a run continued on another kind of device is not bit-exact.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,40 +51,86 @@ def noise_schedule(d: DiffusionConfig):
     return _noise_schedule(dataclasses.astuple(d))
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed mixes all `keys` (e.g. seed, step, rank) without collisions."""
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` whose seed mixes all `keys` (e.g. seed, step, rank) without
+    collisions. Seeding is host arithmetic: it never waits on the device."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass(frozen=True)
+class NoiseTables:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) as float32 tensors on the training device, so
+    noising is two gathers and a multiply-add, with no scheduler object inside the step."""
+
+    signal: torch.Tensor
+    noise: torch.Tensor
+
+    def at(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.signal[timesteps].view(-1, 1, 1, 1), self.noise[timesteps].view(-1, 1, 1, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_tables(key: tuple, device: torch.device) -> NoiseTables:
+    alphas = _noise_schedule(key).alphas_cumprod.to(torch.float64)
+    return NoiseTables(alphas.sqrt().float().to(device), (1 - alphas).sqrt().float().to(device))
+
+
+def noise_tables(d: DiffusionConfig, device: torch.device | str) -> NoiseTables:
+    return _noise_tables(dataclasses.astuple(d), torch.device(device))
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """The random numbers of one micro-batch: timesteps, noise, flip and label-dropout masks."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    flip: torch.Tensor
+    drop: torch.Tensor
+
+
+def draw_step(images: torch.Tensor, num_train_timesteps: int, label_dropout: float,
+              generator: torch.Generator) -> StepDraws:
+    """Every random draw of a micro-batch, from `generator` (on the images' device) alone."""
+    n = images.shape[0]
+    on = dict(generator=generator, device=images.device)
+    timesteps = torch.randint(0, num_train_timesteps, (n,), **on)
+    noise = torch.randn(images.shape, **on, dtype=torch.float32)
+    flip = torch.rand(n, **on) < 0.5
+    drop = torch.rand(n, **on) < label_dropout
+    return StepDraws(timesteps, noise, flip, drop)
 
 
 def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig) -> torch.Tensor:
     """Per-sample mean squared error of the model's prediction (epsilon, v or x0 per
     d.prediction_type) at the given (image, timestep, noise) triples. `labels` may be None."""
-    schedule = noise_schedule(d)
-    noisy = schedule.add_noise(images, noise, timesteps)
+    signal, sigma = noise_tables(d, images.device).at(timesteps)
+    noisy = signal * images + sigma * noise
     if d.prediction_type == "epsilon":
         target = noise
     elif d.prediction_type == "v_prediction":
-        target = schedule.get_velocity(images, noise, timesteps)
+        target = signal * noise - sigma * images
     else:
         target = images
-    prediction = model(noisy, timesteps, class_labels=labels).sample
+    prediction = model(noisy.to(images.dtype), timesteps, class_labels=labels).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraws, cfg) -> torch.Tensor:
+    """The mean loss of one micro-batch given its draws: flips, label dropout, noising and the
+    denoising loss. Pure tensor code, so torch.compile traces it without a graph break."""
+    if cfg.data.random_flip:
+        images = torch.where(draws.flip[:, None, None, None], images.flip(-1), images)
+    if cfg.model.num_classes:  # classifier-free guidance: some labels become the null class
+        labels = torch.where(draws.drop, torch.full_like(labels, cfg.model.num_classes), labels)
+    else:
+        labels = None
+    return denoising_loss(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion).mean()
 
 
 def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:
     """The mean loss of one micro-batch; every random draw comes from `generator`."""
-    images, labels = batch["image"], batch["label"]
-    n, device = images.shape[0], images.device
-    timesteps = torch.randint(0, cfg.diffusion.num_train_timesteps, (n,), generator=generator)
-    noise = torch.randn(images.shape, generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    drop = torch.rand(n, generator=generator) < cfg.train.label_dropout
-    if cfg.data.random_flip:
-        images = torch.where(flip.to(device)[:, None, None, None], images.flip(-1), images)
-    if cfg.model.num_classes:  # classifier-free guidance: some labels become the null class
-        labels = torch.where(drop.to(device), torch.full_like(labels, cfg.model.num_classes), labels)
-    else:
-        labels = None
-    loss = denoising_loss(model, images, timesteps.to(device), noise.to(device), labels, cfg.diffusion)
-    return loss.mean()
+    images = batch["image"]
+    draws = draw_step(images, cfg.diffusion.num_train_timesteps, cfg.train.label_dropout, generator)
+    return objective(model, images, batch["label"], draws, cfg)

@@ -13,23 +13,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
-from .data import build_dataset
-from .diffusion import seeded_generator, training_loss
+from .data import build_dataset, collate_batch
+from .diffusion import seeded_generator
 from .ema import EMA
 from .errors import UserError
 from .images import save_grid
-from .kernels import require_triton
 from .layout import RunLayout
 from .model_io import export_model
-from .threads import set_cpu_threads
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
+from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
+from .step import TrainStep, learning_rate, make_optimizer
+from .threads import set_cpu_threads
 from .unet import GNUNet, build_unet
 
 
@@ -65,12 +66,6 @@ class EpochBatches(Sampler[list[int]]):
             micro += 1
 
 
-def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warm-up to train.lr over train.warmup_steps, then constant (as DDPM)."""
-    t = cfg.train
-    return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
-
-
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -97,7 +92,8 @@ def save_training_grid(ema: EMA, cfg: Config, path: Path, num_images: int) -> Pa
 
 
 class Throughput:
-    """Images per second over the training steps only (grids and checkpoints excluded)."""
+    """Images per second over steady-state training steps: grids, checkpoints and each session's
+    first step (kernel warm-up and compilation) are excluded."""
 
     def __init__(self):
         self.images, self.seconds, self._start = 0, 0.0, 0.0
@@ -105,32 +101,14 @@ class Throughput:
     def start(self):
         self._start = time.perf_counter()
 
-    def stop(self, images: int):
-        self.seconds += time.perf_counter() - self._start
-        self.images += images
+    def stop(self, images: int, warm: bool = True):
+        if warm:
+            self.seconds += time.perf_counter() - self._start
+            self.images += images
 
     @property
     def rate(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-def optimizer_step(accelerator, model, optimizer, data, cfg: Config, lr: float, first_micro: int) -> list[torch.Tensor]:
-    """One optimizer step over train.gradient_accumulation_steps micro-batches; their losses."""
-    t = cfg.train
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    losses = []
-    for micro in range(first_micro, first_micro + t.gradient_accumulation_steps):
-        batch = {k: v.to(accelerator.device) for k, v in next(data).items()}
-        with accelerator.accumulate(model):
-            loss = training_loss(model, batch, cfg, seeded_generator(t.seed, micro, accelerator.process_index))
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return losses
 
 
 @dataclass
@@ -147,15 +125,15 @@ class RunPlan:
 
 
 def plan_run(cfg: Config) -> RunPlan:
-    """Every check a run can fail (hardware, model, data, batch against data, output folder and
-    checkpoint) before anything is written."""
+    """Every check a run can fail (hardware, runtime settings, model, data, batch against data,
+    output folder and checkpoint) before anything is written."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads)
-    if cfg.runtime.backend == "triton":
-        require_triton(accelerator.device)
+    check_runtime(cfg.runtime, accelerator.device)
+    configure_torch(cfg.runtime)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
     model = build_unet(cfg.model, cfg.runtime.backend)
     dataset, _ = build_dataset(cfg)
@@ -169,54 +147,74 @@ def train(cfg: Config, *, progress: bool = True) -> Path:
     return run(plan_run(cfg), progress=progress)
 
 
+@dataclass
+class Session:
+    """A run in progress: the prepared model, its step function, the data and the step count."""
+
+    step: TrainStep
+    data: Iterator[dict]
+    steps_done: int
+
+
+def start_session(plan: RunPlan) -> Session:
+    """Prepare model and optimizer, restore a checkpoint, and open the data at the right batch."""
+    cfg, accelerator, t = plan.cfg, plan.accelerator, plan.cfg.train
+    fmt = memory_format(cfg.runtime)
+    model = plan.model.to(memory_format=fmt)
+    optimizer = make_optimizer(model, t)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
+    done, record = load_checkpoint(accelerator, plan.resume_from, ema) if plan.resume_from else (0, None)
+    note = resume_note(record, execution_record(cfg.runtime, accelerator.device))
+    if note:
+        accelerator.print(note)
+    batches = EpochBatches(len(plan.dataset), t.batch_size, accelerator.num_processes, accelerator.process_index,
+                           t.seed, start=done * t.gradient_accumulation_steps)
+    # A dedicated generator: a new loader iterator must not draw from the global RNG (dropout's).
+    loader = DataLoader(plan.dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
+                        collate_fn=collate_batch, pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator())
+    step = TrainStep(accelerator, model, compile_model(model, cfg.runtime), optimizer, ema, cfg, fmt)
+    return Session(step, iter(loader), done)
+
+
 def run(plan: RunPlan, *, progress: bool = True) -> Path:
     """Claim the run folder, then train, checkpoint, sample and export as the plan says."""
     from tqdm.auto import tqdm
 
-    cfg, layout, accelerator, model = plan.cfg, plan.layout, plan.accelerator, plan.model
+    cfg, layout, accelerator = plan.cfg, plan.layout, plan.accelerator
     t = cfg.train
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         claim_output_dir(cfg)
     accelerator.wait_for_everyone()
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
-    step = load_checkpoint(accelerator, plan.resume_from, ema) if plan.resume_from else 0
-
-    world, accum = accelerator.num_processes, t.gradient_accumulation_steps
-    effective = t.images_per_step(world)
-    accelerator.print(f"effective batch {effective} = {t.batch_size} per device x {world} process(es) x {accum} "
-                      f"accumulation step(s); {len(plan.dataset)} images; "
+    session = start_session(plan)
+    ema, step = session.step.ema, session.steps_done
+    effective = t.images_per_step(accelerator.num_processes)
+    accelerator.print(f"effective batch {effective} = {t.batch_size} per device x {accelerator.num_processes} "
+                      f"process(es) x {t.gradient_accumulation_steps} accumulation step(s); {len(plan.dataset)} images; "
                       + (f"resuming from {plan.resume_from}" if plan.resume_from else "starting at step 0"))
-    batches = EpochBatches(len(plan.dataset), t.batch_size, world, accelerator.process_index, t.seed, start=step * accum)
-    # A dedicated generator: a new loader iterator must not draw from the global RNG (dropout's).
-    loader = DataLoader(plan.dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                        generator=torch.Generator())
     accelerator.init_trackers("train", config={k: str(v) for k, v in flat_config(cfg).items()})
 
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     speed, window = Throughput(), []
-    data = iter(loader)
     while step < t.max_steps:
         speed.start()
-        lr = learning_rate(cfg, step)
-        window += optimizer_step(accelerator, model, optimizer, data, cfg, lr, first_micro=step * accum)
+        window += first_step(session, step, cfg) if step == session.steps_done else session.step(session.data, step)
         step += 1
-        ema.update(accelerator.unwrap_model(model))
-        speed.stop(effective)
+        speed.stop(effective, warm=step > session.steps_done + 1)
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
             mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
             window.clear()
+            lr = learning_rate(cfg, step - 1)
             accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate}, step=step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}")
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints)
+            save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
+                            execution_record(cfg.runtime, accelerator.device))
         if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
             save_training_grid(ema, cfg, layout.grid(step), t.sample_images)
     bar.close()
@@ -224,8 +222,25 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     if accelerator.is_main_process:
         export_model(ema.model, cfg, layout.model)
         grid = save_training_grid(ema, cfg, layout.grid(), cfg.sample.num_images)
-        accelerator.print(f"model: {layout.model}; samples: {grid}; "
-                          f"{speed.rate:.1f} images/s over {speed.seconds:.0f} s of training steps")
+        accelerator.print(f"model: {layout.model}; samples: {grid}; {speed.rate:.1f} images/s over "
+                          f"{speed.seconds:.0f} s of steady-state training steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return layout.root
+
+
+def first_step(session: Session, step: int, cfg: Config) -> list[torch.Tensor]:
+    """The first step of a session: it warms (and under runtime.compile, compiles) the kernels,
+    so it is timed apart and reported, and a compile failure becomes one sentence."""
+    started = time.perf_counter()
+    try:
+        losses = session.step(session.data, step)
+    except Exception as exc:
+        failure = compile_failure(exc) if cfg.runtime.compile != "none" else None
+        if failure is None:
+            raise
+        raise failure from None
+    if cfg.runtime.compile != "none":
+        session.step.accelerator.print(f"runtime.compile={cfg.runtime.compile}: first step (compile) took "
+                                       f"{time.perf_counter() - started:.1f} s")
+    return losses

@@ -11,7 +11,8 @@ from gn_diffusion.config import RuntimeConfig, load_config
 from gn_diffusion.diffusion import denoising_loss, noise_schedule, training_loss
 from gn_diffusion.ema import EMA
 from gn_diffusion.sampling import generate, load_model
-from gn_diffusion.training import EpochBatches, learning_rate, train
+from gn_diffusion.step import learning_rate
+from gn_diffusion.training import EpochBatches, train
 from gn_diffusion.unet import build_unet
 
 from conftest import tiny_config

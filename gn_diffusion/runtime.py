@@ -1,0 +1,76 @@
+"""How a run executes on this machine: determinism, torch.compile, memory format, and the
+record a checkpoint keeps of them. The one place that turns `runtime.*` into torch settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import RuntimeConfig
+from .errors import ConfigError, UserError
+from .kernels import require_triton
+
+
+def check_runtime(runtime: RuntimeConfig, device: torch.device) -> None:
+    """A ConfigError unless these settings can run on `device` (before anything is written)."""
+    if runtime.backend == "triton":
+        require_triton(device)
+    if runtime.compile == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError("runtime.compile=reduce-overhead captures CUDA graphs and needs a CUDA device; "
+                          "use runtime.compile=default or none on the CPU.")
+    if runtime.compile == "max-autotune" and runtime.deterministic:
+        raise ConfigError("runtime.compile=max-autotune picks kernels by timing them, so resume is not bit-exact; "
+                          "set runtime.deterministic=false to use it, or use runtime.compile=default.")
+
+
+def configure_torch(runtime: RuntimeConfig) -> None:
+    """Speed settings that break bit-exactness (cudnn autotuning, TF32) only when allowed."""
+    fast = not runtime.deterministic
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cudnn.deterministic = not fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+    # Inductor's compiled graphs persist across restarts and resumes (warm compiles).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gn_diffusion" / "inductor"))
+
+
+def memory_format(runtime: RuntimeConfig) -> torch.memory_format:
+    return torch.channels_last if runtime.channels_last else torch.contiguous_format
+
+
+def compile_model(model: torch.nn.Module, runtime: RuntimeConfig, backend: Optional[str] = None) -> Callable:
+    """The model's training forward (and, through AOTAutograd, its backward), compiled per
+    runtime.compile; the model itself when it is none. `backend` replaces Inductor (tests use
+    "eager" to count graphs without paying for code generation)."""
+    if runtime.compile == "none":
+        return model
+    options = {"backend": backend} if backend else {"mode": runtime.compile}
+    return torch.compile(model, **options)
+
+
+def compile_failure(exc: BaseException) -> Optional[UserError]:
+    """The sentence for a torch.compile failure (no C compiler, Triton missing, ...), or None
+    when `exc` is not one."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    if isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith("torch._inductor"):
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return UserError(f"torch.compile failed here ({first}); set runtime.compile=none to train without it.")
+    return None
+
+
+def execution_record(runtime: RuntimeConfig, device: torch.device) -> dict[str, Any]:
+    """What a checkpoint keeps of how it was made: a resume elsewhere is not bit-exact."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": device.type, "gpu": gpu, "compile": runtime.compile, "deterministic": runtime.deterministic}
+
+
+def resume_note(saved: Optional[dict[str, Any]], now: dict[str, Any]) -> Optional[str]:
+    """One line when a run resumes under other execution settings than it was saved with."""
+    if saved is None or saved == now:
+        return None
+    changed = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
+    return f"note: resuming with other execution settings ({changed}); the continuation is not bit-exact."

@@ -1,0 +1,90 @@
+"""One optimizer step that never waits on the host.
+
+Everything a step touches stays on the training device: batches arrive from pinned memory without
+blocking, the random draws come from a device generator, clipping uses torch's foreach norm,
+AdamW is the fused kernel (it reads no scalars back), and the EMA is two foreach calls. The loss
+stays on the device until a log step asks for it, so the only host syncs are on steps that log,
+checkpoint or sample.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import Config, TrainConfig
+from .diffusion import draw_step, objective, seeded_generator
+from .ema import EMA
+from .images import from_uint8
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel for these parameters (CUDA and CPU), else foreach."""
+    options = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **options)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(model.parameters(), foreach=True, **options)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warm-up to train.lr over train.warmup_steps, then constant (as DDPM)."""
+    t = cfg.train
+    return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+
+
+def to_device(batch: dict, device: torch.device, memory_format: torch.memory_format) -> dict:
+    """A loader batch on the training device: copied without blocking (from pinned memory on
+    CUDA), images converted from uint8 there rather than item by item on the host."""
+    images = batch["image"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = from_uint8(images)
+    return {"image": images.contiguous(memory_format=memory_format),
+            "label": batch["label"].to(device, non_blocking=True)}
+
+
+class TrainStep:
+    """Forward, backward, clipping and AdamW over train.gradient_accumulation_steps
+    micro-batches, then the EMA update."""
+
+    def __init__(self, accelerator, model: nn.Module, forward: Callable, optimizer, ema: EMA, cfg: Config,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.accelerator, self.model, self.forward, self.optimizer, self.ema = accelerator, model, forward, optimizer, ema
+        self.cfg, self.memory_format = cfg, memory_format
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.unwrapped = accelerator.unwrap_model(model)
+
+    def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
+        """Optimizer step number `step` (0-based); the micro-batches' losses, still on the device."""
+        t, accelerator = self.cfg.train, self.accelerator
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, step)
+        losses = []
+        first = step * t.gradient_accumulation_steps
+        for micro in range(first, first + t.gradient_accumulation_steps):
+            losses.append(self._micro_step(next(data), micro))
+        self.ema.update(self.unwrapped)
+        return losses
+
+    def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+        t, accelerator = self.cfg.train, self.accelerator
+        batch = to_device(batch, accelerator.device, self.memory_format)
+        images = batch["image"]
+        generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
+        draws = draw_step(images, self.cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
+        with accelerator.accumulate(self.model):
+            loss = objective(self.forward, images, batch["label"], draws, self.cfg)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip:
+                self._clip_gradients()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to train.grad_clip with torch's foreach norm; the total norm stays on the device."""
+        if self.accelerator.scaler is not None:  # fp16: clip the true gradients
+            self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
