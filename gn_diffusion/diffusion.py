@@ -102,10 +102,14 @@ def draw_step(images: torch.Tensor, num_train_timesteps: int, label_dropout: flo
     return StepDraws(timesteps, noise, flip, drop)
 
 
-def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig) -> torch.Tensor:
+def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig,
+                   tables: NoiseTables | None = None) -> torch.Tensor:
     """Per-sample mean squared error of the model's prediction (epsilon, v or x0 per
-    d.prediction_type) at the given (image, timestep, noise) triples. `labels` may be None."""
-    signal, sigma = noise_tables(d, images.device).at(timesteps)
+    d.prediction_type) at the given (image, timestep, noise) triples. `labels` may be None;
+    `tables` (default: those of `d` on the images' device) are fetched once by a caller that
+    compiles this, so no scheduler is built inside the trace."""
+    tables = tables or noise_tables(d, images.device)
+    signal, sigma = tables.at(timesteps)
     noisy = signal * images + sigma * noise
     if d.prediction_type == "epsilon":
         target = noise
@@ -117,7 +121,8 @@ def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig) 
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
-def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraws, cfg) -> torch.Tensor:
+def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraws, cfg,
+              tables: NoiseTables | None = None) -> torch.Tensor:
     """The mean loss of one micro-batch given its draws: flips, label dropout, noising and the
     denoising loss. Pure tensor code, so torch.compile traces it without a graph break."""
     if cfg.data.random_flip:
@@ -126,7 +131,7 @@ def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraw
         labels = torch.where(draws.drop, torch.full_like(labels, cfg.model.num_classes), labels)
     else:
         labels = None
-    return denoising_loss(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion).mean()
+    return denoising_loss(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables).mean()
 
 
 def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:

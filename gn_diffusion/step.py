@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import Config, TrainConfig
-from .diffusion import draw_step, objective, seeded_generator
+from .diffusion import draw_step, noise_tables, objective, seeded_generator
 from .ema import EMA
 from .images import from_uint8
 
@@ -55,6 +55,7 @@ class TrainStep:
         self.cfg, self.memory_format = cfg, memory_format
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.unwrapped = accelerator.unwrap_model(model)
+        self.tables = noise_tables(cfg.diffusion, accelerator.device)
 
     def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
         """Optimizer step number `step` (0-based); the micro-batches' losses, still on the device."""
@@ -75,7 +76,7 @@ class TrainStep:
         generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
         draws = draw_step(images, self.cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
         with accelerator.accumulate(self.model):
-            loss = objective(self.forward, images, batch["label"], draws, self.cfg)
+            loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip:
                 self._clip_gradients()
