@@ -59,7 +59,7 @@ class TrainStep:
 
     def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
         """Optimizer step number `step` (0-based); the micro-batches' losses, still on the device."""
-        t, accelerator = self.cfg.train, self.accelerator
+        t = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, step)
         losses = []

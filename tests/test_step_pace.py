@@ -9,12 +9,9 @@ import torch
 
 from gn_diffusion.diffusion import draw_step, noise_tables, objective, seeded_generator
 from gn_diffusion.op_count import OpCounter
-from gn_diffusion.runtime import check_runtime
 from gn_diffusion.training import plan_run, start_session, train
-from gn_diffusion.config import load_config
-from gn_diffusion.errors import ConfigError
 
-from conftest import assert_fails_cleanly, tiny_config
+from conftest import TINY, assert_fails_cleanly, tiny_config
 
 # The digits topology shrunk: 8x8, base 8 channels, batch 2, the torch backend.
 SHRUNK = ["model.base_channels=8", "model.groups=4", "train.batch_size=2", "runtime.backend=torch",
@@ -127,8 +124,6 @@ def test_channels_last_trains_and_exports(tmp_path):
 ])
 def test_compile_settings_that_cannot_run_are_refused_before_anything_runs(tmp_path, capsys, overrides, message):
     args = [*SHRUNK, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", *overrides]
-    from conftest import TINY
-
     assert_fails_cleanly(capsys, "train.py", [*TINY, *args], message, tmp_path)
     assert not (tmp_path / "out").exists()
 
