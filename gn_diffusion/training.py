@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import build_dataset, collate_batch
 from .diffusion import seeded_generator
@@ -199,25 +199,28 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     speed, window = Throughput(), []
-    while step < t.max_steps:
-        speed.start()
-        window += first_step(session, step, cfg) if step == session.steps_done else session.step(session.data, step)
-        step += 1
-        speed.stop(effective, warm=step > session.steps_done + 1)
-        bar.update(1)
+    try:
+        while step < t.max_steps:
+            speed.start()
+            window += first_step(session, step, cfg) if step == session.steps_done else session.step(session.data, step)
+            step += 1
+            speed.stop(effective, warm=step > session.steps_done + 1)
+            bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
-            window.clear()
-            lr = learning_rate(cfg, step - 1)
-            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate}, step=step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}")
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
-            save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
-                            execution_record(cfg.runtime, accelerator.device))
-        if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
-            save_training_grid(ema, cfg, layout.grid(step), t.sample_images)
-    bar.close()
+            if step % t.log_every == 0 or step == t.max_steps:
+                mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+                window.clear()
+                lr = learning_rate(cfg, step - 1)
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate}, step=step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}")
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                check_weights_finite(session, layout, step)
+                save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
+                                execution_record(cfg.runtime, accelerator.device))
+            if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
+                save_training_grid(ema, cfg, layout.grid(step), t.sample_images)
+    finally:
+        bar.close()  # an error line starts on a line of its own
 
     if accelerator.is_main_process:
         export_model(ema.model, cfg, layout.model)
@@ -227,6 +230,19 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return layout.root
+
+
+def check_weights_finite(session: Session, layout: RunLayout, step: int) -> None:
+    """Refuse to write non-finite weights: the checkpoints and the model already there stay as
+    they are (a read-back, on checkpoint steps only)."""
+    tensors = [*session.step.params, *session.step.ema.state_dict().values()]
+    finite = torch.stack([torch.isfinite(x).all() for x in tensors if x.is_floating_point()]).all()
+    if bool(finite):
+        return
+    good = latest_checkpoint(layout.root)
+    kept = f"the last good checkpoint, {good}, is kept" if good else "no checkpoint was written"
+    raise UserError(f"the weights became non-finite by step {step}; {kept}; lower train.lr or set train.grad_clip "
+                    "and resume.")
 
 
 def first_step(session: Session, step: int, cfg: Config) -> list[torch.Tensor]:
