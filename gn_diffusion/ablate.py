@@ -3,8 +3,9 @@
 usage: python -m gn_diffusion.ablate CONFIG.yaml [key=value ...]
 
 CONFIG.yaml (e.g. configs/ablation_norms.yaml) has the sections output_dir, base (a training
-config: model, diffusion, data, train, sample), grid (norms, batch_sizes, images_seen,
-reference_batch_size, lr_scaling), eval (num_samples, ...) and loss_triples; overrides such as
+config: model, diffusion, data, train, sample; base.runtime says how the cells run here, e.g.
+base.runtime.cpu_threads=1), grid (norms, batch_sizes, images_seen, reference_batch_size,
+lr_scaling), eval (num_samples, ...: every cell's evaluation) and loss_triples; overrides such as
 grid.batch_sizes=[2,32] or output_dir=runs/mine change them. The run folder gets results.csv,
 results.md and results.png; run the same command again to resume an interrupted sweep.
 """
@@ -21,7 +22,8 @@ def main(argv: list[str]) -> None:
     path, overrides = split_args(argv, default_config=None)
     if path is None:
         raise UserError("name the ablation config: python -m gn_diffusion.ablate configs/ablation_norms.yaml.")
-    from .ablation import load_ablation_config, run_ablation
+    from .ablation_grid import load_ablation_config
+    from .ablation_sweep import run_ablation
 
     command = " ".join(["python -m gn_diffusion.ablate", *map(shlex.quote, argv)])
     out = run_ablation(load_ablation_config(path, overrides), command=command)

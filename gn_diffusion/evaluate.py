@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
     from .threads import cpu_threads
 
     run_dir, overrides = Path(argv[0]), argv[1:]
+    check_changeable(overrides)  # before the run is read: a refused key is named whatever RUN_DIR holds
     cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)

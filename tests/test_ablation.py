@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 import gn_diffusion.training
-from gn_diffusion.ablation import cell_config, load_ablation_config, result_path, run_ablation
+from gn_diffusion.ablation_grid import Cell, cell_config, load_ablation_config
+from gn_diffusion.ablation_sweep import result_path, run_ablation
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import ConfigError, UserError
 
@@ -19,11 +20,11 @@ TINY = {
                   "attention_resolutions": [], "groups": 4},
         "train": {"lr": 1e-3, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 1000, "sample_every": 1000},
         "sample": {"num_inference_steps": 2, "num_images": 4},
+        "runtime": {"cpu_threads": 1},
     },
     "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "reference_batch_size": 4},
     "eval": {"num_samples": 20, "kid_subsets": 5},
     "loss_triples": 32,
-    "threads": 1,
 }
 
 
@@ -39,23 +40,43 @@ def tiny_config(tmp_path, tmp_path_factory):
 def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_config):
     ab = load_ablation_config(tiny_config, ["grid.batch_sizes=[2,8]", "grid.images_seen=64", "grid.lr_scaling=sqrt",
                                             "base.train.ema_decay=0.99", "base.train.warmup_steps=4"])
-    small, large = (cell_config(ab, "group", b, processes=1) for b in (2, 8))
+    small, large = (cell_config(ab, Cell("group", b), processes=1) for b in (2, 8))
     assert small.train.max_steps * 2 == large.train.max_steps * 8 == 64
     assert small.train.warmup_steps * 2 == large.train.warmup_steps * 8 == 4 * 4
     # The EMA half-life in images: log(decay) per image is the same at every batch size.
     assert math.log(small.train.ema_decay) / 2 == pytest.approx(math.log(large.train.ema_decay) / 8)
     assert small.train.lr / large.train.lr == pytest.approx(0.5)  # sqrt(2 / 8)
     assert (small.model.norm, small.train.seed) == ("group", large.train.seed)
-    assert cell_config(ab, "group", 2, processes=2).train.max_steps == 16  # images count every process
+    assert cell_config(ab, Cell("group", 2), processes=2).train.max_steps == 16  # images count every process
 
 
 @pytest.mark.parametrize("override", [
     "grid.norms=[group,nonsense]", "grid.batch_sizes=[2,2]", "grid.images_seen=30", "grid.lr_scaling=cubic",
-    "base.data.dataset=image_folder", "grid.bogus=1", "eval.num_samples=1", "threads=-1",
+    "base.data.dataset=image_folder", "grid.bogus=1", "eval.num_samples=1",
+    "base.runtime.cpu_threads=-1", "grid.batch_sizes=[]", "grid.norms=[]", "grid.images_seen=nan",
+    "base.model.groups=3", "eval.extractor=nocolon", "loss_triples=0",
 ])
 def test_bad_grids_are_refused_before_anything_runs(tiny_config, override):
     with pytest.raises(ConfigError):
         load_ablation_config(tiny_config, [override])
+
+
+def test_cell_model_shapes_are_checked_with_the_cell_named(tiny_config):
+    with pytest.raises(ConfigError, match=r"cell group-b2: 'model.groups' 3"):
+        load_ablation_config(tiny_config, ["base.model.groups=3"])
+    # Batch norm ignores model.groups, so only the group-norm cells are refused.
+    load_ablation_config(tiny_config, ["base.model.groups=3", "grid.norms=[batch]"])
+
+
+def test_the_old_threads_key_is_read_as_base_runtime_cpu_threads(tmp_path, capsys):
+    old = {**TINY, "base": {k: v for k, v in TINY["base"].items() if k != "runtime"}, "threads": 2}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_ablation_config(path).base.runtime.cpu_threads == 2
+    assert "note: threads is now base.runtime.cpu_threads" in capsys.readouterr().err
+    assert load_ablation_config(path, ["base.runtime.cpu_threads=3"]).base.runtime.cpu_threads == 3  # the new key wins
+    with pytest.raises(ConfigError, match="base.runtime.cpu_threads"):
+        load_ablation_config(path, ["threads=-1"])
 
 
 def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):
@@ -84,8 +105,8 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_config
     with pytest.raises(KeyboardInterrupt):
         run_ablation(ab, progress=False)
     out = tiny_config.parent / "sweep"
-    done = [result_path(out, "group", 2), result_path(out, "group", 4)]
-    assert all(p.is_file() for p in done) and not result_path(out, "batch", 2).exists()
+    done = [result_path(out, Cell("group", 2)), result_path(out, Cell("group", 4))]
+    assert all(p.is_file() for p in done) and not result_path(out, Cell("batch", 2)).exists()
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2  # the summary already holds the finished cells
     stamps = [p.stat().st_mtime_ns for p in done]
