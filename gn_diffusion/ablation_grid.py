@@ -1,9 +1,11 @@
-"""The normalization ablation's settings and its cells: norm kinds x per-device batch sizes.
+"""The normalization ablation's settings and its cells: training seeds x norm kinds x per-device
+batch sizes.
 
-Every cell trains on the same number of images with the same seeds; learning-rate warm-up and
-the EMA half-life are kept the same in images, so cells differ only in the norm, the batch size
-and the number of optimizer steps that batch size implies. Every cell's config is built and
-checked (schema, cross-field checks, model shape) before anything runs.
+Every cell trains on the same number of images; learning-rate warm-up and the EMA half-life are
+kept the same in images, so the cells of one seed differ only in the norm, the batch size and
+the number of optimizer steps that batch size implies. The seed (initial weights, batches,
+noise) is an axis of its own, so every score can be read beside its spread over seeds. Every
+cell's config is built and checked (schema, cross-field checks, model shape) before anything runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from .config import (
     Config, EvalConfig, apply_overrides, build_typed, config_from_dict, move_old_keys, positive, read_yaml, setting,
@@ -33,6 +35,7 @@ class GridConfig:
     images_seen: int = positive(32000)  # training images per cell: max_steps = images_seen / images per step
     reference_batch_size: int = positive(32)  # base.train's lr, warm-up and EMA decay are meant at this batch
     lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / reference)^p, p = 0, 1/2 or 1
+    seeds: Optional[list[int]] = None  # training seeds; None: base.train.seed alone
 
 
 @dataclass
@@ -49,10 +52,11 @@ class AblationConfig:
 class Cell:
     norm: str
     batch_size: int  # per device
+    seed: int  # the training seed
 
     @property
     def name(self) -> str:
-        return f"{self.norm}-b{self.batch_size}"
+        return f"{self.norm}-b{self.batch_size}-s{self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +113,9 @@ def check_grid(g: GridConfig) -> None:
         check_norm_name(norm, "grid.norms")
     if not g.batch_sizes:
         raise ConfigError("'grid.batch_sizes' must be a non-empty list of positive integers, got [].")
-    for key, values in (("norms", g.norms), ("batch_sizes", g.batch_sizes)):
+    if g.seeds is not None and not g.seeds:
+        raise ConfigError("'grid.seeds' must list at least one training seed, or be null for base.train.seed alone.")
+    for key, values in (("norms", g.norms), ("batch_sizes", g.batch_sizes), ("seeds", g.seeds or [])):
         if len(set(values)) != len(values):
             raise ConfigError(f"'grid.{key}' lists a value twice: {values}.")
 
@@ -118,9 +124,15 @@ def check_grid(g: GridConfig) -> None:
 # Cells
 
 
+def grid_seeds(ab: AblationConfig) -> list[int]:
+    return ab.grid.seeds if ab.grid.seeds is not None else [ab.base.train.seed]
+
+
 def grid_cells(ab: AblationConfig) -> list[Cell]:
-    """Every cell, norm by norm, each norm's batch sizes in the order given."""
-    return [Cell(norm, batch_size) for norm in ab.grid.norms for batch_size in ab.grid.batch_sizes]
+    """Every cell, seed by seed (so a whole grid is finished before the next seed starts), then
+    norm by norm, each norm's batch sizes in the order given."""
+    g = ab.grid
+    return [Cell(norm, batch_size, seed) for seed in grid_seeds(ab) for norm in g.norms for batch_size in g.batch_sizes]
 
 
 def cell_output_dir(ab: AblationConfig, cell: Cell) -> Path:
@@ -128,9 +140,9 @@ def cell_output_dir(ab: AblationConfig, cell: Cell) -> Path:
 
 
 def cell_config(ab: AblationConfig, cell: Cell, processes: int) -> Config:
-    """The checked training config of one cell: same images seen, same seeds, schedules kept in images."""
+    """The checked training config of one cell: same images seen, schedules kept in images."""
     base = ab.base.train
-    train = dataclasses.replace(base, batch_size=cell.batch_size)
+    train = dataclasses.replace(base, batch_size=cell.batch_size, seed=cell.seed)
     per_step = train.images_per_step(processes)
     if ab.grid.images_seen % per_step:
         raise ConfigError(
@@ -162,12 +174,14 @@ def _checked(cfg: Config, cell: Cell) -> Config:
 
 
 def sweep_identity(ab: AblationConfig) -> dict[str, Any]:
-    """The settings finished cells depend on: all but the list of cells, the folder, and how the
-    sweep runs here (base.runtime, quiet_training); base.eval gives way to the top-level eval."""
+    """The settings finished cells depend on: all but the list of cells (norms, batch sizes and
+    seeds: a cell's folder names all three), the folder, and how the sweep runs here
+    (base.runtime, quiet_training); base.eval gives way to the top-level eval."""
     raw = asdict(ab)
     for key in ("output_dir", "quiet_training"):
         raw.pop(key)
     for key in ("runtime", "eval"):
         raw["base"].pop(key)
-    raw["grid"] = {k: v for k, v in raw["grid"].items() if k not in ("norms", "batch_sizes")}
+    raw["base"]["train"].pop("seed")
+    raw["grid"] = {k: v for k, v in raw["grid"].items() if k not in ("norms", "batch_sizes", "seeds")}
     return raw

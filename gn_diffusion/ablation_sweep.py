@@ -2,15 +2,16 @@
 
 Each cell is scored with its exported EMA model in eval mode (batch norm uses its EMA'd running
 statistics, as at sampling time) by a held-out denoising loss on fixed (image, t, noise) triples
-and by the offline sample metric. A finished cell leaves `cells/<norm>-b<batch>/result.json`
-(written atomically), so an interrupted sweep resumes at the first unfinished cell; the report
-is rebuilt from all finished cells after each one.
+and by the offline sample metric. A finished cell leaves `cells/<norm>-b<batch>-s<seed>/result.json`
+(written atomically, with the git commit of the code that made it), so an interrupted sweep
+resumes at the first unfinished cell; the report is rebuilt from all finished cells after each one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,13 +77,14 @@ def held_out_loss(model, cfg: Config, triples: LossTriples, batch_size: int = 25
 
 @dataclass
 class Sweep:
-    """What every cell of one sweep shares: its settings, scorer, floor and loss triples."""
+    """What every cell of one sweep shares: its settings, scorer, floor, loss triples and code."""
 
     ab: AblationConfig
     evaluator: Evaluator
     floor: Scores
     triples: LossTriples
     command: Optional[str] = None
+    commit: str = ""
 
     @property
     def out(self) -> Path:
@@ -107,7 +109,24 @@ def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional
 def prepare_sweep(ab: AblationConfig, command: Optional[str] = None) -> Sweep:
     evaluator = evaluator_for(dataclasses.replace(ab.base, eval=ab.eval))
     floor = evaluator.floor(ab.eval.num_samples, conditional=bool(ab.base.model.num_classes))
-    return Sweep(ab, evaluator, floor, held_out_triples(ab.base, ab.loss_triples, ab.eval.seed), command)
+    triples = held_out_triples(ab.base, ab.loss_triples, ab.eval.seed)
+    return Sweep(ab, evaluator, floor, triples, command, code_commit())
+
+
+def code_commit() -> str:
+    """The git commit of this package's code, "-dirty" when its tracked files differ from it,
+    "" outside a git checkout: a result says which code made it. Read once per sweep, since
+    the code that runs is the code imported at the start."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if head.returncode or status.returncode:
+        return ""
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def _run_cells(sweep: Sweep, state, progress: bool) -> None:
@@ -140,7 +159,7 @@ def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) ->
     trained = time.perf_counter()
     result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_samples)
     return dataclasses.replace(result, train_seconds=round(trained - started, 1),
-                               eval_seconds=round(time.perf_counter() - trained, 1))
+                               eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit)
 
 
 def _progress_line(cell: Cell, r: CellResult, floor: Scores) -> str:
@@ -157,7 +176,7 @@ def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samp
     loss = held_out_loss(model, run_cfg, triples)
     t = run_cfg.train
     result = CellResult(norm=run_cfg.model.norm, batch_size=t.batch_size, steps=t.max_steps, lr=t.lr,
-                        warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, heldout_loss=loss)
+                        warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, heldout_loss=loss, seed=t.seed)
     if not math.isfinite(loss):
         return result
     images, labels = generate(model, every_class_once(run_cfg, num_samples), progress=False)
@@ -186,7 +205,7 @@ def finished_results(out: Path, ab: AblationConfig) -> list[CellResult]:
 
 
 def write_summary(sweep: Sweep) -> None:
-    write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.floor, sweep.command)
+    write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.command)
 
 
 def claim_folder(out: Path, ab: AblationConfig) -> None:
@@ -195,7 +214,7 @@ def claim_folder(out: Path, ab: AblationConfig) -> None:
     if saved.is_file() and _saved_identity(saved) != sweep_identity(ab):
         raise UserError(
             f"{out} holds a sweep run with other settings (see {saved}); use a new output_dir, "
-            "or the same settings to resume it (only grid.norms and grid.batch_sizes may change)."
+            "or the same settings to resume it (only grid.norms, grid.batch_sizes and grid.seeds may change)."
         )
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, yaml.safe_dump(asdict(ab), sort_keys=False))
