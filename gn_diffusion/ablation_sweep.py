@@ -92,7 +92,8 @@ class Sweep:
 
 
 def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional[str] = None) -> Path:
-    """Train and score every unfinished cell, then write results.{csv,md,png}; returns the folder.
+    """Train and score every unfinished cell, then write the report (results.csv, results.md,
+    summary.csv, results.png); returns the folder.
 
     `command`, the command line that ran the sweep, is quoted in results.md."""
     from accelerate import PartialState
