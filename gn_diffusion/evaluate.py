@@ -6,7 +6,9 @@ RUN_DIR is a training run's output folder (or its model/ folder). The report (Fr
 KID, class coverage, KL from uniform, per-class accuracy; each beside the floor of real training
 images of the same count against the same held-out images) is printed and saved as
 RUN_DIR/evaluation.json. Digits models are scored against the held-out digits with a small
-digits classifier's features (trained in seconds, cached). Keys:
+digits classifier's features (trained in seconds, cached). The run's own eval, sample and
+runtime settings apply, except that runtime.* starts from the defaults here (a run trained
+with Triton kernels evaluates on a CPU). Keys:
   eval.num_samples=500         images to generate
   eval.kid_subsets=100  eval.kid_subset_size=100  eval.coverage_share=0.25  eval.seed=0
   eval.cache_dir=PATH          digits classifier cache ($GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion)
@@ -15,33 +17,64 @@ digits classifier's features (trained in seconds, cached). Keys:
   eval.reference_dir=FOLDER    a model trained on an image folder: held-out images it never saw
                                (needs eval.extractor; the floor draws from the training folder)
   sample.KEY=VALUE             the run's sampling settings (scheduler, num_inference_steps,
-                               batch_size, seed, class_labels, guidance_scale)
+                               batch_size, seed, class_labels, guidance_scale, use_ema)
+  runtime.KEY=VALUE            how the model runs here (backend, cpu, cpu_threads)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from .cli import run_cli
-from .errors import UserError
-from .config import with_overrides
-from .evaluation import evaluator_for, sample_and_report, split_eval_overrides
+from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
+from .errors import ConfigError, UserError
+from .files import write_text_atomic
+
+CHANGEABLE = ("eval.", "sample.", "runtime.")
+
+
+def evaluation_config(run_cfg: Config, overrides: list[str]) -> Config:
+    """The run's config with eval.*, sample.* and runtime.* overrides; runtime starts from the
+    defaults, since the run's own said how it ran where it trained."""
+    check_changeable(overrides)
+    return with_overrides(dataclasses.replace(run_cfg, runtime=RuntimeConfig()), overrides)
+
+
+def check_changeable(overrides: list[str]) -> None:
+    for key, _ in map(parse_override, overrides):
+        if not key.startswith(CHANGEABLE):
+            raise ConfigError(f"'{key}' cannot be changed when evaluating; only eval.*, sample.* and runtime.* keys can.")
 
 
 def main(argv: list[str]) -> None:
     if not argv or "=" in argv[0]:
         raise UserError("name the run to evaluate: python -m gn_diffusion.evaluate RUN_DIR [key=value ...].")
-    run_dir, overrides = Path(argv[0]), argv[1:]
-    settings, sample_overrides = split_eval_overrides(overrides)
-    from .sampling import load_model
+    from accelerate import Accelerator
 
-    model, cfg = load_model(run_dir)
-    cfg = with_overrides(cfg, sample_overrides)
-    report = sample_and_report(model, cfg, evaluator_for(cfg, settings), settings.num_samples)
+    from .evaluation import evaluator_for
+    from .run_dir import CONFIG_FILE
+    from .sampling import every_class_once, generate, load_model, model_dir
+    from .threads import cpu_threads
+
+    run_dir, overrides = Path(argv[0]), argv[1:]
+    check_changeable(overrides)  # before the run is read: a refused key is named whatever RUN_DIR holds
+    cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
+    model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
+    accelerator = Accelerator(cpu=cfg.runtime.cpu)
+    with cpu_threads(cfg.runtime.cpu_threads):
+        images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
+                                  accelerator=accelerator)
+        report = evaluator_for(cfg).report(images, labels)
+    if accelerator.is_main_process:
+        save_report(run_dir, cfg, report)
+
+
+def save_report(run_dir: Path, cfg: Config, report) -> None:
     print(report.format())
     out = run_dir / "evaluation.json"
-    out.write_text(json.dumps({"run": str(run_dir), "eval": vars(settings), **report.to_dict()}, indent=2))
+    write_text_atomic(out, json.dumps({"run": str(run_dir), "eval": dataclasses.asdict(cfg.eval), **report.to_dict()}, indent=2))
     print(f"saved {out}")
 
 

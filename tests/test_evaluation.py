@@ -10,20 +10,13 @@ import pytest
 import scipy.linalg
 import torch
 
+from gn_diffusion.config import Config, EvalConfig, RuntimeConfig
 from gn_diffusion.data import digits_arrays
+from gn_diffusion.digits_classifier import digits_classifier
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.evaluation import (
-    EvalSettings,
-    Evaluator,
-    class_counts,
-    class_coverage,
-    digits_classifier,
-    digits_evaluator,
-    frechet_distance,
-    kernel_inception_distance,
-    kl_from_uniform,
-    split_eval_overrides,
-)
+from gn_diffusion.evaluate import evaluation_config
+from gn_diffusion.evaluation import Evaluator, digits_evaluator
+from gn_diffusion.metrics import class_counts, class_coverage, frechet_distance, kernel_inception_distance, kl_from_uniform
 
 SIZE = 8  # the digits' native resolution: the fastest classifier to train
 
@@ -35,7 +28,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluator(cache):
-    return digits_evaluator(SIZE, EvalSettings(cache_dir=str(cache), kid_subsets=50))
+    return digits_evaluator(SIZE, EvalConfig(cache_dir=str(cache), kid_subsets=50))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +128,7 @@ def test_report_puts_the_floor_of_the_same_count_beside_each_score(evaluator, tr
 def test_a_plain_callable_plugs_in_as_the_feature_extractor(train_split):
     images, _ = train_split
     reference, _ = digits_arrays("test", SIZE)
-    pixels = Evaluator(lambda x: x.flatten(1), reference, images, settings=EvalSettings(kid_subsets=10))
+    pixels = Evaluator(lambda x: x.flatten(1), reference, images, settings=EvalConfig(kid_subsets=10))
     report = pixels.report(images[:100])
     assert report.samples.coverage is None and report.samples.kl_uniform is None  # no classifier
     assert report.samples.frechet > 0 and report.floor.num_images == 100
@@ -144,11 +137,15 @@ def test_a_plain_callable_plugs_in_as_the_feature_extractor(train_split):
 
 
 def test_eval_overrides_are_typed_and_checked():
-    settings, sample = split_eval_overrides(["eval.num_samples=64", "sample.seed=3"])
-    assert settings.num_samples == 64 and sample == ["sample.seed=3"]
-    for bad in (["model.norm=batch"], ["eval.num_sample=3"], ["eval.coverage_share=2"], ["eval.extractor=nocolon"]):
+    trained = Config(runtime=RuntimeConfig(backend="triton", cpu_threads=4))
+    cfg = evaluation_config(trained, ["eval.num_samples=64", "sample.seed=3", "runtime.cpu=true"])
+    assert cfg.eval.num_samples == 64 and cfg.sample.seed == 3 and cfg.model == trained.model
+    # The run's runtime said how it ran where it trained; here the defaults and the overrides apply.
+    assert cfg.runtime == RuntimeConfig(cpu=True)
+    for bad in (["model.norm=batch"], ["eval.num_sample=3"], ["eval.coverage_share=2"], ["eval.extractor=nocolon"],
+                ["eval.kid_subsets=1"], ["eval.coverage_share=nan"], ["runtime.backend=cuda"]):
         with pytest.raises(ConfigError):
-            split_eval_overrides(bad)
+            evaluation_config(Config(), bad)
 
 
 TINY_UNET = [f"model.image_size={SIZE}", "model.base_channels=8", "model.channel_mult=[1]",
@@ -194,6 +191,15 @@ def test_evaluate_command_scores_an_exported_model_beside_its_floor(exported_run
     # An untrained network is far from real digits; the floor is real digits.
     assert saved["samples"]["frechet"] > 3 * saved["floor"]["frechet"]
     assert f"{saved['samples']['frechet']:.3f}" in printed and f"{saved['floor']['frechet']:.3f}" in printed
+
+
+def test_a_run_trained_with_triton_kernels_evaluates_on_the_cpu(tmp_path, pixel_features):
+    from gn_diffusion.evaluate import main
+
+    run = export_untrained(tmp_path / "run", ["runtime.backend=triton"])
+    main([str(run), f"eval.extractor={pixel_features}", "eval.num_samples=8", "eval.kid_subsets=2",
+          "sample.num_inference_steps=1", "runtime.cpu_threads=1"])
+    assert json.loads((run / "evaluation.json").read_text())["samples"]["num_images"] == 8
 
 
 def test_evaluate_command_takes_a_plugged_extractor(exported_run, pixel_features, capsys):

@@ -1,0 +1,228 @@
+"""Running the ablation: train every unfinished cell, score it, and rebuild the report.
+
+Each cell is scored with its exported EMA model in eval mode (batch norm uses its EMA'd running
+statistics, as at sampling time) by a held-out denoising loss on fixed (image, t, noise) triples
+and by the offline sample metric. A finished cell leaves `cells/<norm>-b<batch>-s<seed>/result.json`
+(written atomically, with the git commit of the code that made it), so an interrupted sweep
+resumes at the first unfinished cell; the report is rebuilt from all finished cells after each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from .ablation_grid import AblationConfig, Cell, ablation_from_dict, cell_config, grid_cells, sweep_identity, validate_ablation
+from .ablation_report import CellResult, write_report
+from .config import Config
+from .data import digits_arrays
+from .errors import ConfigError, UserError
+from .evaluation import Evaluator, Report, evaluator_for
+from .files import write_text_atomic
+from .metrics import Scores
+from .threads import cpu_threads
+
+SWEEP_FILE = "ablation.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out denoising loss on fixed triples
+
+
+@dataclass
+class LossTriples:
+    images: torch.Tensor
+    labels: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+
+def held_out_triples(cfg: Config, count: int, seed: int) -> LossTriples:
+    """`count` (held-out image, t, noise) triples from a fixed seed: identical in every cell."""
+    images, labels = digits_arrays("test", cfg.model.image_size)
+    pick = torch.arange(count) % len(images)
+    g = torch.Generator().manual_seed(seed)
+    timesteps = torch.randint(0, cfg.diffusion.num_train_timesteps, (count,), generator=g)
+    noise = torch.randn((count, *images.shape[1:]), generator=g)
+    return LossTriples(images[pick], labels[pick], timesteps, noise)
+
+
+@torch.no_grad()
+def held_out_loss(model, cfg: Config, triples: LossTriples, batch_size: int = 256) -> float:
+    """Mean per-sample denoising loss of `model` (in eval mode) on the fixed triples."""
+    from .diffusion import denoising_loss
+
+    model.eval()
+    total = 0.0
+    for i in range(0, len(triples.images), batch_size):
+        part = slice(i, i + batch_size)
+        labels = triples.labels[part] if cfg.model.num_classes else None
+        loss = denoising_loss(model, triples.images[part], triples.timesteps[part], triples.noise[part],
+                              labels, cfg.diffusion)
+        total += float(loss.double().sum())
+    return total / len(triples.images)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class Sweep:
+    """What every cell of one sweep shares: its settings, scorer, floor, loss triples and code."""
+
+    ab: AblationConfig
+    evaluator: Evaluator
+    floor: Scores
+    triples: LossTriples
+    command: Optional[str] = None
+    commit: str = ""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.ab.output_dir)
+
+
+def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional[str] = None) -> Path:
+    """Train and score every unfinished cell, then write the report (results.csv, results.md,
+    summary.csv, results.png); returns the folder.
+
+    `command`, the command line that ran the sweep, is quoted in results.md."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    validate_ablation(ab, state.num_processes)
+    with cpu_threads(ab.base.runtime.cpu_threads):
+        if state.is_main_process:
+            claim_folder(Path(ab.output_dir), ab)
+        _run_cells(prepare_sweep(ab, command), state, progress)
+    return Path(ab.output_dir)
+
+
+def prepare_sweep(ab: AblationConfig, command: Optional[str] = None) -> Sweep:
+    evaluator = evaluator_for(dataclasses.replace(ab.base, eval=ab.eval))
+    floor = evaluator.floor(ab.eval.num_samples, conditional=bool(ab.base.model.num_classes))
+    triples = held_out_triples(ab.base, ab.loss_triples, ab.eval.seed)
+    return Sweep(ab, evaluator, floor, triples, command, code_commit())
+
+
+def code_commit() -> str:
+    """The git commit of this package's code, "-dirty" when its tracked files differ from it,
+    "" outside a git checkout: a result says which code made it. Read once per sweep, since
+    the code that runs is the code imported at the start."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if head.returncode or status.returncode:
+        return ""
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def _run_cells(sweep: Sweep, state, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    cells = grid_cells(sweep.ab)
+    todo = [c for c in cells if not result_path(sweep.out, c).is_file()]  # decided once, alike on every rank
+    bar = tqdm(cells, desc="ablation", unit="cell", disable=not (progress and state.is_main_process))
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        if cell not in todo:
+            bar.write(f"{cell.name}: finished earlier, kept")
+            continue
+        result = train_and_score(sweep, cell, state.num_processes, progress)
+        if state.is_main_process:
+            write_text_atomic(result_path(sweep.out, cell), result.to_json())
+            write_summary(sweep)
+            bar.write(_progress_line(cell, result, sweep.floor))
+        state.wait_for_everyone()
+    if state.is_main_process:
+        write_summary(sweep)
+
+
+def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) -> CellResult:
+    from .training import train
+
+    cfg = cell_config(sweep.ab, cell, processes)
+    started = time.perf_counter()
+    train(cfg, progress=progress and not sweep.ab.quiet_training)
+    trained = time.perf_counter()
+    result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_samples)
+    return dataclasses.replace(result, train_seconds=round(trained - started, 1),
+                               eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit)
+
+
+def _progress_line(cell: Cell, r: CellResult, floor: Scores) -> str:
+    return (f"{cell.name}: Frechet {r.frechet:.3f} (floor {floor.frechet:.3f}), held-out loss {r.heldout_loss:.4f}, "
+            f"{r.train_seconds:.0f}s + {r.eval_seconds:.0f}s")
+
+
+def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samples: int) -> CellResult:
+    """Load the cell's exported EMA model (eval mode) and score it; a diverged cell (non-finite
+    held-out loss) gets NaN sample scores instead of stopping the sweep."""
+    from .sampling import every_class_once, generate, load_model
+
+    model, run_cfg = load_model(cfg.train.output_dir, runtime=cfg.runtime)
+    loss = held_out_loss(model, run_cfg, triples)
+    t = run_cfg.train
+    result = CellResult(norm=run_cfg.model.norm, batch_size=t.batch_size, steps=t.max_steps, lr=t.lr,
+                        warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, heldout_loss=loss, seed=t.seed)
+    if not math.isfinite(loss):
+        return result
+    images, labels = generate(model, every_class_once(run_cfg, num_samples), progress=False)
+    return with_sample_scores(result, evaluator.report(images, labels))
+
+
+def with_sample_scores(result: CellResult, report: Report) -> CellResult:
+    s, floor = report.samples, report.floor
+    return dataclasses.replace(result, frechet=s.frechet, frechet_floor=floor.frechet, frechet_ratio=report.frechet_ratio,
+                               kid=s.kid, kid_floor=floor.kid, coverage=s.coverage, kl_uniform=s.kl_uniform,
+                               accuracy=s.accuracy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's folder
+
+
+def result_path(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.name / "result.json"
+
+
+def finished_results(out: Path, ab: AblationConfig) -> list[CellResult]:
+    """The results of the grid's finished cells, in grid order."""
+    paths = (result_path(out, cell) for cell in grid_cells(ab))
+    return [CellResult.from_json(p.read_text()) for p in paths if p.is_file()]
+
+
+def write_summary(sweep: Sweep) -> None:
+    write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.command)
+
+
+def claim_folder(out: Path, ab: AblationConfig) -> None:
+    """Record the sweep's settings; refuse a folder whose finished cells used other settings."""
+    saved = out / SWEEP_FILE
+    if saved.is_file() and _saved_identity(saved) != sweep_identity(ab):
+        raise UserError(
+            f"{out} holds a sweep run with other settings (see {saved}); use a new output_dir, "
+            "or the same settings to resume it (only grid.norms, grid.batch_sizes and grid.seeds may change)."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(saved, yaml.safe_dump(asdict(ab), sort_keys=False))
+
+
+def _saved_identity(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return sweep_identity(ablation_from_dict(yaml.safe_load(path.read_text()) or {}, note=False))
+    except (ConfigError, yaml.YAMLError):
+        return None
