@@ -28,24 +28,20 @@ import json
 from pathlib import Path
 
 from .cli import run_cli
-from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
-from .errors import ConfigError, UserError
+from .config import Config, load_config
+from .errors import UserError
+from .layout import RunLayout
 from .files import write_text_atomic
 
-CHANGEABLE = ("eval.", "sample.", "runtime.")
+SECTIONS = ("eval.", "sample.", "runtime.")
 
 
 def evaluation_config(run_cfg: Config, overrides: list[str]) -> Config:
-    """The run's config with eval.*, sample.* and runtime.* overrides; runtime starts from the
-    defaults, since the run's own said how it ran where it trained."""
-    check_changeable(overrides)
-    return with_overrides(dataclasses.replace(run_cfg, runtime=RuntimeConfig()), overrides)
+    """The run's config with eval.*, sample.* and runtime.* overrides, runtime from the defaults."""
+    from .sampling import check_changeable, config_here
 
-
-def check_changeable(overrides: list[str]) -> None:
-    for key, _ in map(parse_override, overrides):
-        if not key.startswith(CHANGEABLE):
-            raise ConfigError(f"'{key}' cannot be changed when evaluating; only eval.*, sample.* and runtime.* keys can.")
+    check_changeable(overrides, SECTIONS, "evaluate")
+    return config_here(run_cfg, overrides)
 
 
 def main(argv: list[str]) -> None:
@@ -54,12 +50,13 @@ def main(argv: list[str]) -> None:
     from accelerate import Accelerator
 
     from .evaluation import evaluator_for
-    from .run_dir import CONFIG_FILE
-    from .sampling import every_class_once, generate, load_model, model_dir
+    from .layout import CONFIG_FILE
+    from .sampling import check_changeable, every_class_once, generate, load_model, model_dir
     from .threads import cpu_threads
 
     run_dir, overrides = Path(argv[0]), argv[1:]
-    check_changeable(overrides)  # before the run is read: a refused key is named whatever RUN_DIR holds
+    # before the run is read: a refused key is named whatever RUN_DIR holds
+    check_changeable(overrides, SECTIONS, "evaluate")
     cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
@@ -73,7 +70,7 @@ def main(argv: list[str]) -> None:
 
 def save_report(run_dir: Path, cfg: Config, report) -> None:
     print(report.format())
-    out = run_dir / "evaluation.json"
+    out = RunLayout(run_dir).evaluation
     write_text_atomic(out, json.dumps({"run": str(run_dir), "eval": dataclasses.asdict(cfg.eval), **report.to_dict()}, indent=2))
     print(f"saved {out}")
 

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import latest_checkpoint
 from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .images import save_grid, save_pngs, to_uint8
 from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, RunLayout
 from .model_io import load_weights
@@ -147,17 +147,27 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: str | Path)
     return folder
 
 
+def check_changeable(overrides: list[str], sections: tuple[str, ...], command: str) -> None:
+    """A ConfigError naming the first override outside `sections` (the others belong to training)."""
+    fixed = [key for key, _ in map(parse_override, overrides) if not key.startswith(sections)]
+    if fixed:
+        allowed = " and ".join(f"{s}*" for s in sections)
+        raise ConfigError(f"{command} takes only {allowed} settings (got {fixed[0]}); train another model to change the others.")
+
+
+def config_here(run_cfg: Config, overrides: list[str]) -> Config:
+    """A trained run's config with `overrides`; runtime starts from the defaults, since the run's
+    own said how it ran where it trained."""
+    return with_overrides(dataclasses.replace(run_cfg, runtime=RuntimeConfig()), overrides)
+
+
 def sample_main(path: str, overrides: list[str]) -> Path:
     """sample.py: load a run's model, apply `sample.*` overrides, generate and save."""
     from accelerate import Accelerator
 
+    check_changeable(overrides, ("sample.", "runtime."), "sample.py")
     folder = model_dir(path)
-    fixed = [key for key, _ in map(parse_override, overrides) if not key.startswith(("sample.", "runtime."))]
-    if fixed:
-        raise UserError(f"sample.py takes only sample.* and runtime.* settings (got {fixed[0]}); "
-                        "train another model to change the others.")
-    run_cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=RuntimeConfig())
-    cfg = with_overrides(run_cfg, overrides)
+    cfg = config_here(load_config(folder / CONFIG_FILE), overrides)
     model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     model.to(accelerator.device)

@@ -330,8 +330,9 @@ def check_model_config(m) -> None:
 
 
 def _check_attention_heads(m) -> None:
-    widths = sorted({m.base_channels * mult for i, mult in enumerate(m.channel_mult)
-                     if m.image_size // 2**i in m.attention_resolutions})
+    widths = {m.base_channels * mult for i, mult in enumerate(m.channel_mult)
+              if m.image_size // 2**i in m.attention_resolutions}
+    widths = sorted(widths | {m.base_channels * m.channel_mult[-1]})  # the middle block always attends
     bad = [w for w in widths if w % m.attention_heads]
     if bad:
         raise ConfigError(
