@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import BACKENDS, group_norm_silu
+from .kernels import BACKENDS, check_layer, group_norm_silu_unchecked
 
 NormBuilder = Callable[[int, int, float, bool, str], nn.Module]
 
@@ -80,14 +80,13 @@ class GroupNorm32(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  backend: str = "auto"):
+        check_layer(num_channels, num_groups, backend)  # once here, so forward checks nothing
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         self.backend = backend
 
     def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
-        return group_norm_silu(
-            x, self.weight, self.bias, self.num_groups, self.eps, scale=scale, shift=shift,
-            act="silu" if act else None, backend=self.backend,
-        )
+        return group_norm_silu_unchecked(x, self.weight, self.bias, self.num_groups, self.eps, scale, shift, act,
+                                         self.backend)
 
 
 class BatchNorm(nn.BatchNorm2d):

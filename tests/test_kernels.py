@@ -1,5 +1,6 @@
-"""group_norm_silu: the Triton kernels (run on the CPU by Triton's interpreter), the custom op,
-torch.compile, and the U-Net with kernels=triton against kernels=torch.
+"""group_norm_silu: the Triton kernels (on the CPU under Triton's interpreter, natively where a
+CUDA device exists), the eager autograd.Function and the torch.compile custom op, and a tiny U-Net
+with backend=triton against backend=torch.
 
 The oracle is plain float64 PyTorch with autograd, on the same (rounded) inputs. Relative error
 here is max|a - b| / max|b| over a whole tensor. Every buffer the kernels write starts as NaN, so
@@ -15,27 +16,44 @@ import torch
 
 from gn_diffusion import build_unet, load_config
 from gn_diffusion.errors import ConfigError
-from gn_diffusion.kernels import group_norm_silu, triton_impl
+from gn_diffusion.kernels import check_layer, group_norm_silu, triton_impl, use_triton
+from gn_diffusion.kernels.function import GroupNormSiLUFunction
 from gn_diffusion.kernels.ops import group_norm_silu_op
-from gn_diffusion.norms import set_kernels
+from gn_diffusion.norms import GroupNorm32
 
 pytest.importorskip("triton")
 
 # Outputs are rounded to the input dtype; Triton's interpreter rounds float32 -> bfloat16 toward
 # zero (GPUs round to nearest), so bf16 errors here reach 2^-8 rather than 2^-9.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+PARAMS = ("weight", "bias", "scale", "shift")
+
+# Where the kernels run: the interpreter on CPU tensors everywhere, compiled kernels on a GPU.
+TARGETS = [
+    pytest.param("interpreter"),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
 @pytest.fixture(autouse=True)
 def interpreted_and_poisoned(monkeypatch):
-    """Triton's interpreter on CPU tensors, and NaN in every fresh kernel output."""
+    """Triton's interpreter (unless a test asks for CUDA), and NaN in every fresh kernel output."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fresh = triton_impl.new_output
     monkeypatch.setattr(triton_impl, "new_output", lambda *a, **k: fresh(*a, **k).fill_(math.nan))
 
 
+@pytest.fixture(params=TARGETS)
+def device(request, monkeypatch) -> torch.device:
+    if request.param == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def oracle(x, weight, bias, groups, eps, scale, shift, silu):
@@ -45,69 +63,87 @@ def oracle(x, weight, bias, groups, eps, scale, shift, silu):
     mean = h.mean(-1, keepdim=True)
     var = (h - mean).square().mean(-1, keepdim=True)
     h = ((h - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    spatial = (1,) * (x.dim() - 2)
-    if weight is not None:
-        h = h * weight.reshape(1, c, *spatial)
-    if bias is not None:
-        h = h + bias.reshape(1, c, *spatial)
-    if scale is not None:
-        h = h * (1 + scale.reshape(n, c, *spatial))
-    if shift is not None:
-        h = h + shift.reshape(n, c, *spatial)
+    per_channel = lambda t: t.reshape(-1, c, *(1,) * (x.dim() - 2))  # noqa: E731  [C] or [N, C] against x
+    h = h if weight is None else h * per_channel(weight)
+    h = h if bias is None else h + per_channel(bias)
+    h = h if scale is None else h * (1 + per_channel(scale))
+    h = h if shift is None else h + per_channel(shift)
     return h * torch.sigmoid(h) if silu else h
 
 
 def make_inputs(shape, groups, dtype=torch.float32, *, loc=0.0, spread=1.0, affine=True, adagn=True,
-                channels_last=False, seed=0):
-    """x (and dy) rounded to dtype; weight/bias/scale/shift float32, non-identity."""
+                channels_last=False, strided=False, seed=0, device="cpu"):
+    """x (and dy) rounded to dtype; weight/bias/scale/shift float32, non-identity. `strided` makes
+    x a non-contiguous view (every other column of a wider tensor)."""
     gen = torch.Generator().manual_seed(seed)
     n, c = shape[:2]
-    x = (loc + spread * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    wide = (*shape[:-1], 2 * shape[-1]) if strided else shape
+    x = (loc + spread * torch.randn(wide, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+    x = x[..., ::2] if strided else x
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    params = dict(
-        weight=1 + 0.5 * torch.randn(c, generator=gen) if affine else None,
-        bias=0.5 * torch.randn(c, generator=gen) if affine else None,
-        scale=0.3 * torch.randn(n, c, generator=gen) if adagn else None,
-        shift=0.5 * torch.randn(n, c, generator=gen) if adagn else None,
-    )
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    params = dict(weight=1 + 0.5 * torch.randn(c, generator=gen), bias=0.5 * torch.randn(c, generator=gen),
+                  scale=0.3 * torch.randn(n, c, generator=gen), shift=0.5 * torch.randn(n, c, generator=gen))
+    kept = dict(weight=affine, bias=affine, scale=adagn, shift=adagn)
+    params = {k: v.to(device) if kept[k] else None for k, v in params.items()}
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
     return x, params, dy, groups
 
 
 def oracle_outputs(x, params, dy, groups, eps, silu):
-    leaves = {k: None if v is None else v.double().requires_grad_() for k, v in params.items()}
-    x64 = x.double().requires_grad_()
-    y = oracle(x64, leaves["weight"], leaves["bias"], groups, eps, leaves["scale"], leaves["shift"], silu)
+    leaves = {k: None if v is None else v.detach().double().cpu().requires_grad_() for k, v in params.items()}
+    x64 = x.detach().double().cpu().requires_grad_()
+    y = oracle(x64, *(leaves[k] for k in ("weight", "bias")), groups, eps, leaves["scale"], leaves["shift"], silu)
     wanted = [x64] + [v for v in leaves.values() if v is not None]
-    return y.detach(), torch.autograd.grad(y, wanted, dy.double())
+    return y.detach(), torch.autograd.grad(y, wanted, dy.double().cpu())
+
+
+def through_autograd(path, x, params, dy, groups, eps=1e-5, silu=True):
+    """By autograd through `path`, "function" (the eager autograd.Function) or "custom_op" (what
+    torch.compile traces): y, the gradients of x and of every present parameter, mean and rstd."""
+    xg = x.detach().clone().requires_grad_()
+    leaves = [None if params[k] is None else params[k].detach().clone().requires_grad_() for k in PARAMS]
+    if path == "function":
+        y = GroupNormSiLUFunction.apply(xg, *leaves, groups, eps, silu)
+        mean, rstd = y.grad_fn.saved_tensors[-2:]
+    else:
+        y, mean, rstd = group_norm_silu_op(xg, *leaves, groups, eps, silu, True)
+    grads = torch.autograd.grad(y, [xg] + [t for t in leaves if t is not None], dy)
+    return y.detach(), grads, mean, rstd
 
 
 def check_kernels(x, params, dy, groups, *, eps=1e-5, silu=True, chunks=None):
-    """Forward, saved statistics and all gradients of the kernels against the oracle."""
-    p = params
-    y, mean, rstd = triton_impl.forward(x, p["weight"], p["bias"], p["scale"], p["shift"], groups, eps, silu, chunks)
-    grads = triton_impl.backward(dy, x, p["weight"], p["bias"], p["scale"], p["shift"], mean, rstd, groups, silu,
-                                 chunks)
+    """Forward, saved statistics and all gradients (dparameters reduced in the kernels) against
+    the oracle: through the autograd.Function, or with forced `chunks` through the host functions
+    (the Function takes the default plan)."""
+    p = [params[k] for k in PARAMS]
+    if chunks is None:
+        y, got, mean, rstd = through_autograd("function", x, params, dy, groups, eps, silu)
+    else:
+        y, mean, rstd = triton_impl.forward(x, *p, groups, eps, silu, chunks)
+        grads = triton_impl.backward(dy, x, *p, mean, rstd, groups, silu, chunks)
+        assert [g is None for g in grads[1:]] == [t is None for t in p], "absent tensors get no gradient"
+        got = [g for g in grads if g is not None]
     want_y, want_grads = oracle_outputs(x, params, dy, groups, eps, silu)
     tol = TOLERANCE[x.dtype]
-    assert y.dtype == x.dtype and y.stride() == x.stride(), "output keeps x's dtype and memory format"
+    assert y.dtype == x.dtype, "output keeps x's dtype"
+    assert y.stride() == got[0].stride() == triton_impl.dense_layout(x)[0].stride(), "x's memory format"
     assert torch.isfinite(y).all(), "an output element was not written"
     assert relative_error(y, want_y) <= tol
-    got = [g for g in grads if g is not None]
-    names = ["dx"] + [f"d{k}" for k, v in params.items() if v is not None]
+    names = ["dx"] + [f"d{k}" for k in PARAMS if params[k] is not None]
+    likes = [x] + [t for t in p if t is not None]
     assert len(got) == len(want_grads)
-    assert grads[0].stride() == x.stride()
-    for name, g, w in zip(names, got, want_grads):
+    for name, g, w, like in zip(names, got, want_grads, likes):
+        assert g.dtype == like.dtype and g.shape == like.shape, name
         assert torch.isfinite(g).all(), f"{name} has unwritten elements"
         assert relative_error(g, w) <= tol, f"{name}: {relative_error(g, w):.2e}"
-    groups_x = x.double().reshape(x.shape[0], groups, -1)
+    groups_x = x.detach().double().cpu().reshape(x.shape[0], groups, -1)
     assert relative_error(rstd, 1 / torch.sqrt(groups_x.var(-1, correction=0) + eps)) <= 1e-5
     assert relative_error(mean, (groups_x - groups_x[:, :, :1]).mean(-1)) <= 1e-5
-    return y, grads
 
 
-# (shape, groups, dtype, options, chunks): chunks forces the split path (partials in a workspace)
+# (shape, groups, dtype, options, chunks): chunks forces the split path (partials in a workspace);
+# on the CPU, batches of fewer than triton_impl.CPU_PROGRAMS groups take it by default too.
 CASES = {
     "basic": ((2, 8, 5, 7), 4, torch.float32, {}, None),
     "large_mean_small_spread": ((2, 8, 4, 6), 2, torch.float32, dict(loc=1e4, spread=0.1), None),
@@ -117,6 +153,8 @@ CASES = {
     "hw_1": ((3, 16, 1, 1), 2, torch.float32, {}, None),
     "no_adagn": ((2, 8, 5, 5), 2, torch.float32, dict(adagn=False), None),
     "no_affine_no_adagn": ((2, 8, 3, 3), 4, torch.float32, dict(affine=False, adagn=False), None),
+    "non_contiguous": ((2, 8, 3, 5), 4, torch.float32, dict(strided=True), None),
+    "split_default_plan": ((1, 8, 9, 9), 2, torch.float32, {}, None),
     "split_nchw": ((1, 8, 9, 9), 2, torch.float32, {}, 5),
     "split_channels_last_large_mean": ((1, 16, 7, 5), 2, torch.float32,
                                        dict(loc=1e4, spread=0.1, channels_last=True), 3),
@@ -129,19 +167,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_match_float64_oracle(name):
+def test_kernels_match_float64_oracle(name, device):
     shape, groups, dtype, options, chunks = CASES[name]
-    x, params, dy, groups = make_inputs(shape, groups, dtype, **options)
-    if chunks is not None:
+    x, params, dy, groups = make_inputs(shape, groups, dtype, device=device, **options)
+    if name.startswith("split"):
         n, c = shape[:2]
-        hw = math.prod(shape[2:])
-        plan = triton_impl.plan(n * groups, c // groups, hw, x.stride(1) == 1, x.device, chunks)
+        cpu = torch.device("cpu")  # the plan the interpreter gets; a GPU splits small batches further
+        plan = triton_impl.plan(n * groups, c // groups, math.prod(shape[2:]), x.stride(1) == 1, cpu, chunks)
         assert not plan.fused, "the case must reach the split path"
     check_kernels(x, params, dy, groups, chunks=chunks)
 
 
-def test_identity_activation():
-    x, params, dy, groups = make_inputs((2, 8, 4, 5), 4, seed=3)
+def test_identity_activation(device):
+    x, params, dy, groups = make_inputs((2, 8, 4, 5), 4, seed=3, device=device)
     check_kernels(x, params, dy, groups, silu=False)
 
 
@@ -157,39 +195,64 @@ def test_large_mean_is_hard_for_a_plain_float32_two_pass():
     assert relative_error(y, want.reshape(x.shape)) <= 1e-5
 
 
-def test_split_path_is_deterministic_and_equals_fused():
-    x, params, dy, groups = make_inputs((1, 8, 9, 9), 2, seed=5)
-    p = params
-    args = (p["weight"], p["bias"], p["scale"], p["shift"])
+def test_split_path_is_deterministic_and_equals_fused(device):
+    """Same inputs, same bits (no atomics, parameter gradients included), and the split path
+    agrees with one program per group."""
+    x, params, dy, groups = make_inputs((2, 4, 6, 6), 2, seed=5, device=device)
+    p = [params[k] for k in PARAMS]
     runs = []
-    for chunks in (4, 4, 1):
-        y, mean, rstd = triton_impl.forward(x, *args, groups, 1e-5, True, chunks)
-        runs.append((y, *triton_impl.backward(dy, x, *args, mean, rstd, groups, True, chunks)))
+    for chunks in (2, 2, 1):
+        y, mean, rstd = triton_impl.forward(x, *p, groups, 1e-5, True, chunks)
+        runs.append((y, *triton_impl.backward(dy, x, *p, mean, rstd, groups, True, chunks)))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1])), "same inputs, same bits"
     assert all(relative_error(a, b) <= 1e-6 for a, b in zip(runs[0], runs[2]))
 
 
-def test_default_plan_splits_small_batches_and_fuses_large_ones():
+def test_default_plan_splits_small_batches_fuses_large_ones_and_is_cached_per_shape():
     cpu = torch.device("cpu")
     small = triton_impl.plan(groups=2, cg=8, hw=64, channels_inner=False, device=cpu)
     large = triton_impl.plan(groups=64, cg=8, hw=64, channels_inner=False, device=cpu)
     assert small.chunks > 1 and 2 * small.chunks >= triton_impl.CPU_PROGRAMS
     assert large.fused
+    x, params, dy, groups = make_inputs((2, 8, 3, 3), 4, seed=2)
+    y, mean, rstd = triton_impl.forward(x, *(params[k] for k in PARAMS), groups, 1e-5, True)
+    before = triton_impl.launch_for.cache_info()
+    triton_impl.backward(dy, x, *(params[k] for k in PARAMS), mean, rstd, groups, True)
+    after = triton_impl.launch_for.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
 
 
-@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
-def test_custom_op_gradients_and_registration(use_triton):
+def test_function_and_custom_op_give_the_same_bits(device):
+    """The eager path (autograd.Function) and the traced one (custom op) run the same kernels."""
+    x, params, dy, groups = make_inputs((2, 16, 5, 3), 4, channels_last=True, seed=11, device=device)
+    function = through_autograd("function", x, params, dy, groups)
+    custom_op = through_autograd("custom_op", x, params, dy, groups)
+    for a, b in zip(function, custom_op):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b)
+
+
+def test_layer_checks_when_built_and_runs_the_function_in_eager_mode():
+    with pytest.raises(ValueError, match="divisible"):
+        GroupNorm32(3, 8)
+    norm = GroupNorm32(2, 8, backend="triton")
+    x, emb = torch.randn(2, 8, 3, 3, requires_grad=True), torch.randn(2, 16, requires_grad=True)
+    y = norm(x, *emb.chunk(2, dim=1), act=True)
+    assert type(y.grad_fn).__name__ == "GroupNormSiLUFunctionBackward"
+    y.sum().backward()
+    assert all(t.grad is not None for t in (x, emb, norm.weight, norm.bias))
+
+
+@pytest.mark.parametrize("use_triton_kernels", [True, False], ids=["triton", "reference"])
+def test_custom_op_gradients_and_registration(use_triton_kernels):
     x, params, dy, groups = make_inputs((2, 8, 4, 4), 4, seed=7)
-    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    xg = x.clone().requires_grad_()
-    y, mean, rstd = group_norm_silu_op(xg, *leaves.values(), groups, 1e-5, True, use_triton)
+    xg, *leaves = (t.clone().requires_grad_() for t in (x, *params.values()))
+    y, mean, rstd = group_norm_silu_op(xg, *leaves, groups, 1e-5, True, use_triton_kernels)
     assert mean.shape == rstd.shape == (2, groups) and mean.dtype == torch.float32
-    got = torch.autograd.grad(y, [xg, *leaves.values()], dy)
+    assert not mean.requires_grad and not rstd.requires_grad
+    got = torch.autograd.grad(y, [xg, *leaves], dy)
     want_y, want = oracle_outputs(x, params, dy, groups, 1e-5, True)
-    assert relative_error(y, want_y) <= 1e-5
-    for g, w in zip(got, want):
-        assert relative_error(g, w) <= 1e-5
-    torch.library.opcheck(group_norm_silu_op, (xg, *leaves.values(), groups, 1e-5, True, use_triton),
+    assert relative_error(y, want_y) <= 1e-5 and max(relative_error(g, w) for g, w in zip(got, want)) <= 1e-5
+    torch.library.opcheck(group_norm_silu_op, (xg, *leaves, groups, 1e-5, True, use_triton_kernels),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -204,61 +267,94 @@ def test_public_function_on_cpu():
         assert relative_error(y, want) <= 1e-5, backend
     with pytest.raises(ValueError, match="divisible"):
         group_norm_silu(x, None, None, 3)
+    with pytest.raises(ValueError, match="backend"):
+        group_norm_silu(x, None, None, 2, backend="cuda")
 
 
-def test_triton_kernels_on_a_machine_without_cuda_are_a_config_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
-        load_config("configs/digits.yaml", ["model.kernels=triton"])
+def test_backend_decision_and_its_config_errors(monkeypatch):
+    """use_triton decides. Asking for triton where it cannot run is a ConfigError naming
+    runtime.backend: when the model is built on a machine without CUDA, and when called with CPU
+    tensors on a machine with CUDA."""
     x = torch.randn(1, 4, 2, 2)
-    with pytest.raises(ConfigError, match="model.kernels=auto"):
+    assert use_triton("triton", x) and not use_triton("torch", x) and not use_triton("auto", x)
+    model_cfg = load_config(None, ["model.base_channels=8", "model.groups=4"]).model
+    build_unet(model_cfg, backend="triton")  # the interpreter counts
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="runtime.backend=auto"):
+        build_unet(model_cfg, backend="triton")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         group_norm_silu(x, None, None, 2, backend="triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert load_config("configs/digits.yaml", ["model.kernels=triton"]).model.kernels == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_layer(4, 2, "triton")
+    with pytest.raises(ConfigError, match="runtime.backend is 'triton' but the tensors are on cpu, not CUDA"):
+        use_triton("triton", x)
 
 
-def test_triton_kernels_with_training_forced_onto_the_cpu_are_a_config_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert load_config("configs/digits.yaml", ["model.kernels=triton"]).model.kernels == "triton"
-    with pytest.raises(ConfigError, match="on cpu, not CUDA"):
-        load_config("configs/digits.yaml", ["model.kernels=triton", "train.cpu=true"])
+def adagn_layer(backend: str, channels=8, groups=4) -> GroupNorm32:
+    norm = GroupNorm32(groups, channels, backend=backend)
+    with torch.no_grad():  # non-identity, so the affine's gradients through SiLU are checked
+        norm.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        norm.bias.copy_(torch.linspace(-0.5, 0.5, channels))
+    return norm
 
 
-def tiny_digits_unet():
-    cfg = load_config("configs/digits.yaml", ["model.base_channels=8", "model.groups=4", "model.num_res_blocks=1"])
-    torch.manual_seed(0)
-    model = build_unet(cfg.model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # wake the zero-initialized output layers so every layer gets a gradient
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
+def test_compiled_norm_matches_eager(monkeypatch):
+    """Inductor, fullgraph, over one AdaGN norm call, forward and backward: the custom op node
+    gives the eager autograd.Function's numbers."""
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start for one graph
+    norm = adagn_layer("triton")
+    gen = torch.Generator().manual_seed(4)
+    x, scale, shift, dy = (torch.randn(shape, generator=gen) for shape in ((2, 8, 4, 4), (2, 8), (2, 8), (2, 8, 4, 4)))
+
+    def outputs(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, scale, shift)]
+        y = fn(*leaves)
+        return y.detach(), torch.autograd.grad(y, [*leaves, norm.weight, norm.bias], dy)
+
+    def f(x, scale, shift):
+        return norm(x, scale, shift, act=True)
+
+    want_y, want = outputs(f)
+    torch._dynamo.reset()
+    y, got = outputs(torch.compile(f, fullgraph=True))
+    assert relative_error(y, want_y) <= 1e-6
+    assert max(relative_error(g, w) for g, w in zip(got, want)) <= 1e-6
 
 
-def outputs_and_grads(model, x, t):
-    model.zero_grad()
-    y = model(x, t).sample
-    y.square().mean().backward()
-    return y.detach(), [p.grad.clone() for p in model.parameters()]
+def test_norm_traces_without_graph_breaks():
+    norms = [adagn_layer(backend) for backend in ("torch", "triton")]
+
+    def f(x, emb):
+        scale, shift = emb.chunk(2, dim=1)
+        return norms[1](norms[0](x, scale, shift, act=True), scale, shift, act=False)
+
+    explanation = torch._dynamo.explain(f)(torch.randn(2, 8, 4, 4), torch.randn(2, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
 
 
-def test_unet_with_triton_kernels_matches_torch_and_compiles():
-    """kernels=triton (interpreted) against kernels=torch, then torch.compile(fullgraph) of the
-    model with the custom op against eager: outputs and every parameter gradient."""
-    model = tiny_digits_unet()
-    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 800])
-    set_kernels(model, "torch")
-    want_y, want_grads = outputs_and_grads(model, x, t)
-    set_kernels(model, "triton")
-    y, grads = outputs_and_grads(model, x, t)
+def test_tiny_unet_with_triton_matches_torch():
+    """backend=triton (interpreted) against backend=torch on a tiny U-Net: outputs and every
+    parameter gradient."""
+    model_cfg = load_config(None, ["model.image_size=4", "model.base_channels=8", "model.groups=4",
+                                   "model.num_res_blocks=1", "model.channel_mult=[1]",
+                                   "model.attention_resolutions=[]"]).model
+    results = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = build_unet(model_cfg, backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # wake the zero-initialized output layers so every layer gets a gradient
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        x, t = torch.randn(2, 1, 4, 4, generator=gen), torch.tensor([5, 800])
+        y = model(x, t).sample
+        y.square().mean().backward()
+        results.append((y.detach(), [p.grad for p in model.parameters()]))
+    (want_y, want), (y, got) = results
     assert relative_error(y, want_y) <= 1e-5
-    assert max(relative_error(g, w) for g, w in zip(grads, want_grads)) <= 1e-4
-    compiled = torch.compile(model, fullgraph=True)
-    cy, cgrads = outputs_and_grads(compiled, x, t)
-    assert relative_error(cy, y) <= 1e-5
-    assert max(relative_error(g, w) for g, w in zip(cgrads, grads)) <= 1e-4
+    assert max(relative_error(g, w) for g, w in zip(got, want)) <= 1e-4
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "one_channel_per_group"])
@@ -275,9 +371,11 @@ def test_kernels_compile_for_a_hopper_gpu(layout):
     ones = dict(Cg=1, CB=1, S=1) if layout == "one_channel_per_group" else {}
     sizes = dict(BLOCK_C=8, BLOCK_P=256) if layout == "nchw" else dict(BLOCK_C=16, BLOCK_P=64)
     flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
-    kernels = [(k.fwd_stats_kernel, {}), (k.bwd_reduce_kernel, flags)] + [
-        (kernel, dict(FUSED=fused, BLOCK_K=4, BLOCK_S=4, **flags))
-        for kernel in (k.fwd_apply_kernel, k.bwd_dx_kernel) for fused in (True, False)]
+    kernels = [(k.fwd_stats_kernel, {}), (k.bwd_reduce_kernel, flags)]
+    if layout == "nchw":  # its [N, C] sums are laid out alike for every layout of x
+        kernels.append((k.param_grads_kernel, dict(BLOCK_N=32, **flags)))
+    kernels += [(kernel, dict(FUSED=fused, BLOCK_K=4, BLOCK_S=4, **flags))
+                for kernel in (k.fwd_apply_kernel, k.bwd_dx_kernel) for fused in (True, False)]
     for kernel, options in kernels:
         constants = {name: value for name, value in {**sizes, **options, **ones, unit_stride: 1}.items()
                      if name in kernel.arg_names}

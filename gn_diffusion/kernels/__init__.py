@@ -1,8 +1,14 @@
 """Fused GroupNorm + AdaGN scale-shift + SiLU: `act(GN(x) * (1 + scale) + shift)`.
 
 Backends: "torch" is the PyTorch reference (plain autograd, the fast choice on the CPU); "triton"
-is the Triton kernels behind the `gn_diffusion::group_norm_silu` custom op (CUDA, or the CPU under
-TRITON_INTERPRET=1); "auto" is Triton for CUDA tensors when Triton is installed, else the reference.
+is the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "auto" is Triton for CUDA
+tensors when Triton is installed, else the reference. `use_triton` is the one place that decides.
+
+Two entry points: `group_norm_silu` checks its arguments on every call (for external callers);
+layers check theirs once with `check_layer` when built and then call `group_norm_silu_unchecked`.
+In eager mode the Triton path is a `torch.autograd.Function` (cheap on the host); under
+torch.compile it is the `gn_diffusion::group_norm_silu` custom op (one opaque graph node). Both
+run the same kernels and give the same bits.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from .function import GroupNormSiLUFunction
 from .ops import group_norm_silu_op
 from .reference import group_norm_silu_reference
 from .triton_impl import interpreter_enabled
@@ -45,6 +52,36 @@ def require_triton(device: Optional[torch.device] = None) -> None:
         )
 
 
+def use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether x goes to the Triton kernels: "triton" always (a ConfigError if they cannot run on
+    x's device), "torch" never, "auto" for CUDA tensors when Triton is installed."""
+    if backend == "triton":
+        if not (x.is_cuda and TRITON_INSTALLED):  # the common case skips building a device object
+            require_triton(x.device)
+        return True
+    return backend == "auto" and x.is_cuda and TRITON_INSTALLED
+
+
+def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
+    """Everything a norm layer's calls would otherwise check each time, checked once when it is
+    built: a known backend, channels divisible into groups, and Triton available if asked for."""
+    _check_backend(backend)
+    if num_groups < 1 or num_channels % num_groups:
+        raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+    if backend == "triton":
+        require_triton()
+
+
+def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool,
+                              backend: str) -> torch.Tensor:
+    """group_norm_silu without argument checks, for layers that ran `check_layer` when built."""
+    if not use_triton(backend, x):
+        return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, "silu" if silu else None)
+    if torch.compiler.is_compiling():
+        return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, silu, True)[0]
+    return GroupNormSiLUFunction.apply(x, weight, bias, scale, shift, num_groups, eps, silu)
+
+
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu", backend="auto"):
     """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32.
 
@@ -52,17 +89,16 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     auto | triton | torch. The output has x's dtype (and memory format, on the Triton path).
     """
     _check_arguments(x, num_groups, scale, shift, act, backend)
-    if backend == "triton":
-        require_triton(x.device)
-    elif backend == "torch" or not (x.is_cuda and TRITON_INSTALLED):
-        return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, act)
-    y, _, _ = group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, act == "silu", True)
-    return y
+    return group_norm_silu_unchecked(x, weight, bias, num_groups, eps, scale, shift, act == "silu", backend)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
 def _check_arguments(x, num_groups, scale, shift, act, backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend)
     if act not in ("silu", None):
         raise ValueError(f"act must be 'silu' or None, got {act!r}")
     if x.dim() < 2 or x.shape[1] % num_groups:
@@ -73,5 +109,6 @@ def _check_arguments(x, num_groups, scale, shift, act, backend) -> None:
 
 
 __all__ = [
-    "BACKENDS", "group_norm_silu", "group_norm_silu_reference", "require_triton", "triton_unavailable_reason",
+    "BACKENDS", "check_layer", "group_norm_silu", "group_norm_silu_reference", "group_norm_silu_unchecked",
+    "require_triton", "triton_unavailable_reason", "use_triton",
 ]

@@ -1,8 +1,10 @@
 """group_norm_silu as a `torch.library` custom op, so `torch.compile` keeps it as one node.
 
 `gn_diffusion::group_norm_silu` returns (y, mean, rstd) and `gn_diffusion::group_norm_silu_backward`
-the five gradients; each has a fake implementation for tracing. `use_triton` picks the Triton
-kernels (CUDA, or the CPU under TRITON_INTERPRET=1) or the PyTorch reference, on any device.
+the five gradients; each has a fake implementation for tracing. The op's `use_triton` argument
+picks the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) or the PyTorch reference, on
+any device. Eager calls take `function.GroupNormSiLUFunction` instead, which is cheaper on the
+host; the op is what torch.compile sees.
 """
 
 from __future__ import annotations
@@ -70,9 +72,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
     ctx.options = (num_groups, eps, silu, use_triton)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # mean and rstd get no gradient: do not zero-fill one
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 9
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     grads = group_norm_silu_backward_op(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.options)
     present = [True] + [t is not None for t in (weight, bias, scale, shift)]

@@ -1,9 +1,14 @@
-"""Host side of the Triton kernels: layout, work plan, launches, and the parameter gradients."""
+"""Host side of the Triton kernels: layout, the per-shape launch plan, and the launches.
+
+Everything that depends only on the shape (the work split, grids, sizes, compile-time options) is
+computed once per shape and cached, so a call costs little more than the launches themselves.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -12,8 +17,6 @@ from typing import Optional
 
 import torch
 
-from .reference import parameter_grads
-
 # Largest tile (elements) a program processes per step: a group of up to MAX_TILE elements is
 # read in one step. The smallest tile bounds how finely the split path cuts a group.
 MAX_TILE = 2048
@@ -21,6 +24,9 @@ MIN_TILE = {"cuda": 512, "cpu": 32}
 # On the CPU (the interpreter) there is no machine to fill; a nominal count still sends small
 # batches down the split path, so tests exercise it.
 CPU_PROGRAMS = 8
+# Channels per program of the parameter-gradient kernel: small, so that wide layers still get
+# several programs while each walks the batch.
+PARAM_BLOCK_C = 64
 
 
 def interpreter_enabled() -> bool:
@@ -58,14 +64,14 @@ def new_output(shape_or_like, dtype=None, device=None) -> torch.Tensor:
     return torch.empty(shape_or_like, dtype=dtype, device=device)
 
 
-def dense_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """x itself if NCHW- or channels_last-contiguous (else a contiguous copy), with the strides of
-    (sample, channel, flattened spatial position)."""
-    n, c = x.shape[:2]
-    hw = x[0, 0].numel()
-    if x.dim() == 4 and hw > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return x, (hw * c, 1, c)
-    return x.contiguous(), (c * hw, hw, 1)
+def dense_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x itself if NCHW- or channels_last-contiguous (else a contiguous copy), and whether it is
+    read as channels_last (a tensor that is both, e.g. with H = W = 1, is read as NCHW)."""
+    if x.is_contiguous():
+        return x, False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
 
 
 def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -108,6 +114,7 @@ def _programs_to_fill(device: torch.device) -> int:
     return CPU_PROGRAMS
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.device,
          chunks: Optional[int] = None) -> Plan:
     """Cut each group into chunks so that groups * chunks programs fill the device; one chunk per
@@ -130,60 +137,115 @@ def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.devi
     return Plan(block_c, block_p, channel_blocks, splits, per_split * block_p, num_warps)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What the launches for one input shape and layout share (see triton_kernels for the names)."""
+
+    plan: Plan
+    grid: tuple[int]  # one program per chunk
+    sizes: tuple[int, ...]  # G, Cg, HW, stride_n, stride_c, stride_p
+    chunking: tuple[int, int, int]  # CB, S, PPS
+    tile: dict  # BLOCK_C, BLOCK_P, num_warps
+    param_grid: tuple[int]
+    param_tile: dict  # BLOCK_N, BLOCK_C of param_grads_kernel
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, device: torch.device,
+               chunks: Optional[int] = None) -> Launch:
+    n, c = shape[:2]
+    cg, hw = c // num_groups, math.prod(shape[2:])
+    strides = (hw * c, 1, c) if channels_last else (c * hw, hw, 1)
+    p = plan(n * num_groups, cg, hw, channels_last, device, chunks)
+    param_c = min(PARAM_BLOCK_C, _pow2(c))
+    return Launch(
+        plan=p, grid=(n * num_groups * p.chunks,), sizes=(num_groups, cg, hw, *strides),
+        chunking=(p.channel_blocks, p.splits, p.positions_per_split),
+        tile=dict(BLOCK_C=p.block_c, BLOCK_P=p.block_p, num_warps=p.num_warps),
+        param_grid=(_cdiv(c, param_c),),
+        param_tile=dict(BLOCK_N=min(_pow2(n), max(1, MAX_TILE // param_c)), BLOCK_C=param_c),
+    )
+
+
 def _affine_args(x, weight, bias, scale, shift):
     """Kernel pointers (x stands in for absent tensors, never read), row strides, HAS_* flags."""
-    scale, shift = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (scale, shift))
+    if scale is not None and scale.stride(-1) != 1:
+        scale = scale.contiguous()
+    if shift is not None and shift.stride(-1) != 1:
+        shift = shift.contiguous()
+    present = (weight is not None, bias is not None, scale is not None, shift is not None)
     ptrs = [t if t is not None else x for t in (weight, bias, scale, shift)]
-    strides = [t.stride(0) if t is not None else 0 for t in (scale, shift)]
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
-    return ptrs, strides, flags
+    strides = (scale.stride(0) if present[2] else 0, shift.stride(0) if present[3] else 0)
+    return ptrs, strides, _flags(present)
 
 
-def _setup(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int]):
-    """x in a layout the kernels read, the plan, and the arguments every kernel shares: the
-    affine pointers, the sizes (G, Cg, HW, four strides, CB, S, PPS) and the compile-time options."""
-    x, (sn, sc, sp) = dense_layout(x)
-    n, c = x.shape[:2]
-    cg, hw = c // num_groups, x[0, 0].numel()
-    p = plan(n * num_groups, cg, hw, sc == 1, x.device, chunks)
-    ptrs, (ss, st), flags = _affine_args(x, weight, bias, scale, shift)
-    sizes = (num_groups, cg, hw, sn, sc, sp, ss, st, p.channel_blocks, p.splits, p.positions_per_split)
-    options = dict(BLOCK_C=p.block_c, BLOCK_P=p.block_p, num_warps=p.num_warps)
-    return x, p, ptrs, sizes, flags, options
+@functools.cache
+def _flags(present: tuple[bool, bool, bool, bool]) -> dict:
+    return dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
+
+
+def _prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int]):
+    """x in a layout the kernels read, its cached Launch, the affine pointers and flags, and the
+    sizes every kernel takes: (G, Cg, HW, four strides, CB, S, PPS)."""
+    x, channels_last = dense_layout(x)
+    launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
+    ptrs, strides, flags = _affine_args(x, weight, bias, scale, shift)
+    return x, launch, ptrs, flags, (*launch.sizes, *strides, *launch.chunking)
 
 
 def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool,
             chunks: Optional[int] = None):
     """(y, mean, rstd): mean is float32 [N, G] of x minus each group's first element."""
     k = kernels()
-    x, p, ptrs, sizes, flags, options = _setup(x, weight, bias, scale, shift, num_groups, chunks)
+    x, launch, ptrs, flags, sizes = _prepare(x, weight, bias, scale, shift, num_groups, chunks)
+    fused = launch.plan.fused
     y = new_output(x)
     mean = new_output((x.shape[0], num_groups), torch.float32, x.device)
     rstd = new_output((x.shape[0], num_groups), torch.float32, x.device)
-    grid = (mean.numel() * p.chunks,)
-    ws = [mean] * 3 if p.fused else [torch.empty(grid, dtype=torch.float32, device=x.device) for _ in range(3)]
-    if not p.fused:
-        k.fwd_stats_kernel[grid](x, *ws, *sizes, **options)
-    k.fwd_apply_kernel[grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps, BLOCK_K=_pow2(p.chunks), FUSED=p.fused,
-                             SILU=silu, **options, **flags)
+    if fused:
+        ws = (mean, mean, mean)  # not read
+    else:
+        ws = [torch.empty(launch.grid, dtype=torch.float32, device=x.device) for _ in range(3)]
+        k.fwd_stats_kernel[launch.grid](x, *ws, *sizes, **launch.tile)
+    k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps, BLOCK_K=_pow2(launch.plan.chunks),
+                                    FUSED=fused, SILU=silu, **launch.tile, **flags)
     return y, mean, rstd
 
 
 def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, silu: bool,
              chunks: Optional[int] = None):
-    """(dx, dweight, dbias, dscale, dshift); the gradient of an absent tensor is None."""
+    """(dx, dweight, dbias, dscale, dshift), all reduced by the kernels; the gradient of an absent
+    tensor is None."""
     k = kernels()
-    x, p, ptrs, sizes, flags, options = _setup(x, weight, bias, scale, shift, num_groups, chunks)
+    x, launch, ptrs, flags, sizes = _prepare(x, weight, bias, scale, shift, num_groups, chunks)
+    fused, splits = launch.plan.fused, launch.plan.splits
     dy = match_layout(dy, x)
     dx = new_output(x)
-    sum_dz = new_output(x.shape[:2], torch.float32, x.device)
-    sum_dz_xhat = new_output(x.shape[:2], torch.float32, x.device)
-    ws = [sum_dz] * 2 if p.fused else [torch.empty(sum_dz.numel() * p.splits, dtype=torch.float32, device=x.device)
-                                       for _ in range(2)]
-    grid = (mean.numel() * p.chunks,)
-    if not p.fused:
-        k.bwd_reduce_kernel[grid](x, dy, *ptrs, mean, rstd, *ws, *sizes, SILU=silu, **options, **flags)
-    k.bwd_dx_kernel[grid](x, dy, dx, *ptrs, mean, rstd, *ws, sum_dz, sum_dz_xhat, *sizes,
-                          BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **options, **flags)
-    return (dx, *parameter_grads(sum_dz, sum_dz_xhat, weight, bias, scale, shift))
+    sums = [new_output(x.shape[:2], torch.float32, x.device) for _ in range(2)]  # sg, sgx per (n, c)
+    if fused:
+        ws = sums  # not read
+    else:
+        ws = [torch.empty(sums[0].numel() * splits, dtype=torch.float32, device=x.device) for _ in range(2)]
+        k.bwd_reduce_kernel[launch.grid](x, dy, *ptrs, mean, rstd, *ws, *sizes, SILU=silu, **launch.tile, **flags)
+    k.bwd_dx_kernel[launch.grid](x, dy, dx, *ptrs, mean, rstd, *ws, *sums, *sizes, BLOCK_S=_pow2(splits),
+                                 FUSED=fused, SILU=silu, **launch.tile, **flags)
+    return (dx, *_parameter_grads(k, launch, sums, (weight, bias, scale, shift), ptrs, sizes[6], flags))
+
+
+def _parameter_grads(k, launch: Launch, sums, params, ptrs, stride_s: int, flags):
+    """dweight, dbias, dscale, dshift (None where the tensor is absent) from the [N, C] float32
+    sums sg, sgx. A float32 dshift is written over sg and a float32 dscale over sgx (each element
+    is read, then written, by the same program): two allocations fewer per call."""
+    weight, bias, scale, shift = params
+    if weight is None and bias is None and scale is None and shift is None:
+        return [None] * 4
+    n, c = sums[0].shape
+    sg, sgx = sums
+    grads = [None if weight is None else new_output(weight), None if bias is None else new_output(bias)]
+    grads.append(None if scale is None else sgx if scale.dtype == torch.float32 else
+                 new_output((n, c), scale.dtype, scale.device))
+    grads.append(None if shift is None else sg if shift.dtype == torch.float32 else
+                 new_output((n, c), shift.dtype, shift.device))
+    outs = [g if g is not None else sg for g in grads]  # placeholders are never written
+    k.param_grads_kernel[launch.param_grid](sg, sgx, *ptrs[:3], *outs, n, c, stride_s, **launch.param_tile, **flags)
+    return grads
