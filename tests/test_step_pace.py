@@ -54,12 +54,12 @@ def test_training_objective_traces_without_a_graph_break(tmp_path):
             pytest.importorskip("triton")
         from gn_diffusion.unet import build_unet
 
-        model = build_unet(cfg.model, backend)
         images, labels = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
         draws = draw_step(images, cfg.diffusion.num_train_timesteps, 0.5, seeded_generator(0, 1))
         with pytest.MonkeyPatch.context() as mp:
             if backend == "triton":
                 mp.setenv("TRITON_INTERPRET", "1")
+            model = build_unet(cfg.model, backend)
             tables = noise_tables(cfg.diffusion, "cpu")
             explained = torch._dynamo.explain(lambda: objective(model, images, labels, draws, cfg, tables))()
         assert explained.graph_break_count == 0, (backend, explained.break_reasons)
