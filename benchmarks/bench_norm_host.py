@@ -167,7 +167,8 @@ def main(argv=None) -> None:
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({platform.machine()}, {platform.python_implementation()} {platform.python_version()})",
               "launches_stubbed": stubbed, "shape": list(args.shape), "groups": args.groups, "reps": args.reps,
-              "torch": torch.__version__, "triton": __import__("triton").__version__, "host_us": median, "host_us_min": best}
+              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "host_us": median, "host_us_min": best}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"norm_host_us-{device_slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
