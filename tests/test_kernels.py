@@ -224,7 +224,7 @@ def test_default_plan_splits_small_batches_fuses_large_ones_and_is_cached_per_sh
 
 def test_function_and_custom_op_give_the_same_bits(device):
     """The eager path (autograd.Function) and the traced one (custom op) run the same kernels."""
-    x, params, dy, groups = make_inputs((2, 16, 5, 3), 4, channels_last=True, seed=11, device=device)
+    x, params, dy, groups = make_inputs((2, 16, 5, 3), 2, channels_last=True, seed=11, device=device)
     function = through_autograd("function", x, params, dy, groups)
     custom_op = through_autograd("custom_op", x, params, dy, groups)
     for a, b in zip(function, custom_op):
@@ -244,7 +244,7 @@ def test_layer_checks_when_built_and_runs_the_function_in_eager_mode():
 
 @pytest.mark.parametrize("use_triton_kernels", [True, False], ids=["triton", "reference"])
 def test_custom_op_gradients_and_registration(use_triton_kernels):
-    x, params, dy, groups = make_inputs((2, 8, 4, 4), 4, seed=7)
+    x, params, dy, groups = make_inputs((2, 8, 4, 4), 2, seed=7)
     xg, *leaves = (t.clone().requires_grad_() for t in (x, *params.values()))
     y, mean, rstd = group_norm_silu_op(xg, *leaves, groups, 1e-5, True, use_triton_kernels)
     assert mean.shape == rstd.shape == (2, groups) and mean.dtype == torch.float32
@@ -337,7 +337,7 @@ def test_norm_traces_without_graph_breaks():
 def test_tiny_unet_with_triton_matches_torch():
     """backend=triton (interpreted) against backend=torch on a tiny U-Net: outputs and every
     parameter gradient."""
-    model_cfg = load_config(None, ["model.image_size=4", "model.base_channels=8", "model.groups=4",
+    model_cfg = load_config(None, ["model.image_size=4", "model.base_channels=8", "model.groups=2",
                                    "model.num_res_blocks=1", "model.channel_mult=[1]",
                                    "model.attention_resolutions=[]"]).model
     results = []

@@ -26,6 +26,7 @@ class GroupNormSiLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients have no gradient themselves
     def backward(ctx, dy):
         if dy is None:
             return (None,) * 8

@@ -23,7 +23,7 @@ MAX_TILE = 2048
 MIN_TILE = {"cuda": 512, "cpu": 32}
 # On the CPU (the interpreter) there is no machine to fill; a nominal count still sends small
 # batches down the split path, so tests exercise it.
-CPU_PROGRAMS = 8
+CPU_PROGRAMS = 4
 # Channels per program of the parameter-gradient kernel: small, so that wide layers still get
 # several programs while each walks the batch.
 PARAM_BLOCK_C = 64
