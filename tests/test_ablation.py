@@ -34,7 +34,7 @@ TINY = {
 
 
 @pytest.fixture
-def tiny_config(tmp_path, tmp_path_factory):
+def tiny_sweep_config(tmp_path, tmp_path_factory):
     raw = {**TINY, "output_dir": str(tmp_path / "sweep")}
     raw["eval"] = {**TINY["eval"], "cache_dir": str(tmp_path_factory.getbasetemp() / "classifier-cache")}
     path = tmp_path / "ablation.yaml"
@@ -42,8 +42,8 @@ def tiny_config(tmp_path, tmp_path_factory):
     return path
 
 
-def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_config):
-    ab = load_ablation_config(tiny_config, ["grid.batch_sizes=[2,8]", "grid.images_seen=64", "grid.lr_scaling=sqrt",
+def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_sweep_config):
+    ab = load_ablation_config(tiny_sweep_config, ["grid.batch_sizes=[2,8]", "grid.images_seen=64", "grid.lr_scaling=sqrt",
                                             "base.train.ema_decay=0.99", "base.train.warmup_steps=4"])
     small, large = (cell_config(ab, Cell("group", b, 0), processes=1) for b in (2, 8))
     assert small.train.max_steps * 2 == large.train.max_steps * 8 == 64
@@ -63,16 +63,16 @@ def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_conf
     "base.model.groups=3", "eval.extractor=nocolon", "loss_triples=0",
     "grid.seeds=[]", "grid.seeds=[1,1]",
 ])
-def test_bad_grids_are_refused_before_anything_runs(tiny_config, override):
+def test_bad_grids_are_refused_before_anything_runs(tiny_sweep_config, override):
     with pytest.raises(ConfigError):
-        load_ablation_config(tiny_config, [override])
+        load_ablation_config(tiny_sweep_config, [override])
 
 
-def test_cell_model_shapes_are_checked_with_the_cell_named(tiny_config):
+def test_cell_model_shapes_are_checked_with_the_cell_named(tiny_sweep_config):
     with pytest.raises(ConfigError, match=r"cell group-b2-s0: 'model.groups' 3"):
-        load_ablation_config(tiny_config, ["base.model.groups=3"])
+        load_ablation_config(tiny_sweep_config, ["base.model.groups=3"])
     # Batch norm ignores model.groups, so only the group-norm cells are refused.
-    load_ablation_config(tiny_config, ["base.model.groups=3", "grid.norms=[batch]"])
+    load_ablation_config(tiny_sweep_config, ["base.model.groups=3", "grid.norms=[batch]"])
 
 
 def test_the_old_threads_key_is_read_as_base_runtime_cpu_threads(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "missing.yaml" in err and "Traceback" not in err
 
 
-def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_config, monkeypatch):
+def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_config, monkeypatch):
     real_train = gn_diffusion.training.train
     calls = []
 
@@ -108,10 +108,10 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_config
         return out
 
     monkeypatch.setattr(gn_diffusion.training, "train", interrupted_after_two_cells)
-    ab = load_ablation_config(tiny_config)
+    ab = load_ablation_config(tiny_sweep_config)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(ab, progress=False)
-    out = tiny_config.parent / "sweep"
+    out = tiny_sweep_config.parent / "sweep"
     done = [result_path(out, Cell("group", 2, 0)), result_path(out, Cell("group", 4, 0))]
     assert all(p.is_file() for p in done) and not result_path(out, Cell("batch", 2, 0)).exists()
     with open(out / "results.csv") as f:
@@ -134,15 +134,15 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_config
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with pytest.raises(UserError, match="other settings"):  # another sweep's settings: refused
-        run_ablation(load_ablation_config(tiny_config, ["grid.images_seen=32"]), progress=False)
+        run_ablation(load_ablation_config(tiny_sweep_config, ["grid.images_seen=32"]), progress=False)
 
 
-def test_seeds_are_an_axis_and_report_only_rebuilds_the_report_byte_for_byte(tiny_config, capsys):
+def test_seeds_are_an_axis_and_report_only_rebuilds_the_report_byte_for_byte(tiny_sweep_config, capsys):
     from gn_diffusion.ablate import main
 
     grid = ["grid.norms=[group]", "grid.batch_sizes=[4]", "grid.seeds=[0,1]"]
-    run_cli(main, [str(tiny_config), *grid])
-    out = tiny_config.parent / "sweep"
+    run_cli(main, [str(tiny_sweep_config), *grid])
+    out = tiny_sweep_config.parent / "sweep"
     rows = read_results_csv(out / "results.csv")
     assert [(r.norm, r.batch_size, r.seed) for r in rows] == [("group", 4, 0), ("group", 4, 1)]
     assert rows[0].heldout_loss != rows[1].heldout_loss  # another seed, another model
@@ -162,9 +162,9 @@ def test_seeds_are_an_axis_and_report_only_rebuilds_the_report_byte_for_byte(tin
     made = {name: (out / name).read_bytes() for name in ("results.md", "summary.csv", "results.csv")}
     for name in ("results.md", "summary.csv", "results.png"):
         (out / name).unlink()
-    for name in (tiny_config.parent / "sweep" / "cells").iterdir():
+    for name in (tiny_sweep_config.parent / "sweep" / "cells").iterdir():
         shutil.rmtree(name)  # nothing but results.csv is needed
-    run_cli(main, [str(tiny_config), *grid, "--report-only"])
+    run_cli(main, [str(tiny_sweep_config), *grid, "--report-only"])
     assert {name: (out / name).read_bytes() for name in made} == made
     assert (out / "results.png").is_file() and "rebuilt from 2 results" in capsys.readouterr().out
 
@@ -197,11 +197,11 @@ def test_results_written_before_seeds_and_commits_still_read(tmp_path):
     assert (old.seed, old.commit) == (0, "") and old.frechet == row.frechet and old.accuracy is None
 
 
-def test_report_only_without_results_is_one_sentence(tiny_config, capsys):
+def test_report_only_without_results_is_one_sentence(tiny_sweep_config, capsys):
     from gn_diffusion.ablate import main
 
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [str(tiny_config), "--report-only", str(tiny_config.parent / "nothing")])
+        run_cli(main, [str(tiny_sweep_config), "--report-only", str(tiny_sweep_config.parent / "nothing")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "results.csv" in err and "Traceback" not in err
