@@ -81,7 +81,7 @@ def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
     accelerator = make_accelerator(cfg)
     configure_torch(cfg.runtime)
     fmt = memory_format(cfg.runtime)
-    model = build_unet(cfg.model, cfg.runtime.backend).to(memory_format=fmt)
+    model = build_unet(cfg.model, cfg.runtime).to(memory_format=fmt)
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)

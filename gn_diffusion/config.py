@@ -58,6 +58,7 @@ class DataConfig:
     random_flip: bool = False
     class_labels: bool = False  # image_folder: one class per sub-folder
     num_workers: int = non_negative(0)
+    max_image_pixels: int = positive(64_000_000)  # larger images are skipped (decompression bombs)
 
 
 @dataclass
@@ -300,6 +301,9 @@ def _validate_diffusion(d: DiffusionConfig) -> None:
 
 def _validate_sample(cfg: Config) -> None:
     s = cfg.sample
+    if s.guidance_scale != 1.0 and not cfg.model.num_classes:
+        raise ConfigError(f"'sample.guidance_scale' is {s.guidance_scale} but the model is unconditional; "
+                          "guidance needs a class-conditional model (model.num_classes > 0), so leave it at 1.")
     if s.class_labels:
         n = cfg.model.num_classes
         bad = [c for c in s.class_labels if not 0 <= c < n]

@@ -47,7 +47,7 @@ def load_model(path: str | Path, *, use_ema: bool = True,
     """
     folder = model_dir(path)
     cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
-    model = build_unet(cfg.model, cfg.runtime.backend)
+    model = build_unet(cfg.model, cfg.runtime)
     weights = folder / WEIGHTS_FILE
     if not use_ema:
         checkpoint = latest_checkpoint(folder.parent)

@@ -135,7 +135,7 @@ def plan_run(cfg: Config) -> RunPlan:
     check_runtime(cfg.runtime, accelerator.device)
     configure_torch(cfg.runtime)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
-    model = build_unet(cfg.model, cfg.runtime.backend)
+    model = build_unet(cfg.model, cfg.runtime)
     dataset, _ = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     resume_from = plan_output_dir(cfg, model)

@@ -14,6 +14,9 @@ from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
+_FALSE = ("no", "off", "false")
+_TRUE = ("yes", "on", "true")
+
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, low: float | None = None,
             high: float | None = None, low_open: bool = False, high_open: bool = False):
@@ -72,6 +75,8 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         return _coerce(value, args[0], name)
     if origin is Literal:
         options = typing.get_args(kind)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
+            value = next((o for o in options if o in (_FALSE if not value else _TRUE)), value)
         if value not in options:
             raise ConfigError(f"'{name}' is {value!r}; choose one of {', '.join(options)}.")
         return value

@@ -297,9 +297,11 @@ def unet_arguments(model_cfg) -> dict:
     return args
 
 
-def build_unet(model_cfg, backend: str = "auto") -> GNUNet:
-    """Build the U-Net of a ModelConfig (checked first) whose norms run on `backend`."""
+def build_unet(model_cfg, runtime=None) -> GNUNet:
+    """Build the U-Net of a ModelConfig (checked first) whose norms run on `runtime.backend`
+    (a RuntimeConfig; default: auto). This is where the backend setting is read."""
     check_model_config(model_cfg)
+    backend = runtime.backend if runtime is not None else "auto"
     model = GNUNet(**unet_arguments(model_cfg), backend=backend)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

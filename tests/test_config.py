@@ -98,6 +98,7 @@ def test_unknown_norm_kind_lists_the_choices():
     ("runtime.backend=cuda", "'runtime.backend' is 'cuda'; choose one of auto, triton, torch"),
     ("runtime.compile=fast", "choose one of none, default, max-autotune, reduce-overhead"),
     ("eval.num_samples=1", "'eval.num_samples' must be at least 2"),
+    ("sample.guidance_scale=3", "the model is unconditional"),
 ])
 def test_bad_values_get_one_clear_sentence(override, needle):
     assert needle in message([override])
@@ -142,3 +143,7 @@ def test_runtime_settings_are_their_own_section():
     assert cfg.runtime.compile == "default" and cfg.runtime.channels_last and cfg.runtime.deterministic
     assert cfg.runtime.cpu_threads == 1  # configs/digits.yaml
     assert "kernels" not in cfg.to_dict()["model"] and "cpu" not in cfg.to_dict()["train"]
+
+
+def test_a_bare_yaml_no_is_read_as_the_choice_no():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from gn_diffusion.config import RuntimeConfig
 from gn_diffusion import build_unet, load_config
 from gn_diffusion.errors import ConfigError
 from gn_diffusion.kernels import check_layer, group_norm_silu, triton_impl, use_triton
@@ -278,11 +279,11 @@ def test_backend_decision_and_its_config_errors(monkeypatch):
     x = torch.randn(1, 4, 2, 2)
     assert use_triton("triton", x) and not use_triton("torch", x) and not use_triton("auto", x)
     model_cfg = load_config(None, ["model.base_channels=8", "model.groups=4"]).model
-    build_unet(model_cfg, backend="triton")  # the interpreter counts
+    build_unet(model_cfg, RuntimeConfig(backend="triton"))  # the interpreter counts
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="runtime.backend=auto"):
-        build_unet(model_cfg, backend="triton")
+        build_unet(model_cfg, RuntimeConfig(backend="triton"))
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         group_norm_silu(x, None, None, 2, backend="triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -343,7 +344,7 @@ def test_tiny_unet_with_triton_matches_torch():
     results = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        model = build_unet(model_cfg, backend=backend)
+        model = build_unet(model_cfg, RuntimeConfig(backend=backend))
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # wake the zero-initialized output layers so every layer gets a gradient
             for p in model.parameters():

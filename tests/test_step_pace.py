@@ -59,7 +59,7 @@ def test_training_objective_traces_without_a_graph_break(tmp_path):
         with pytest.MonkeyPatch.context() as mp:
             if backend == "triton":
                 mp.setenv("TRITON_INTERPRET", "1")
-            model = build_unet(cfg.model, backend)
+            model = build_unet(cfg.model, cfg.runtime)
             tables = noise_tables(cfg.diffusion, "cpu")
             explained = torch._dynamo.explain(lambda: objective(model, images, labels, draws, cfg, tables))()
         assert explained.graph_break_count == 0, (backend, explained.break_reasons)
