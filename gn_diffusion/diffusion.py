@@ -108,6 +108,14 @@ def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig,
     d.prediction_type) at the given (image, timestep, noise) triples. `labels` may be None;
     `tables` (default: those of `d` on the images' device) are fetched once by a caller that
     compiles this, so no scheduler is built inside the trace."""
+    prediction, target = prediction_and_target(model, images, timesteps, noise, labels, d, tables)
+    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+
+
+def prediction_and_target(model, images, timesteps, noise, labels, d: DiffusionConfig,
+                          tables: NoiseTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's float32 prediction at the noised images, and what it should have predicted
+    (epsilon, v or x0 per d.prediction_type)."""
     tables = tables or noise_tables(d, images.device)
     signal, sigma = tables.at(timesteps)
     noisy = signal * images + sigma * noise
@@ -118,7 +126,7 @@ def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig,
     else:
         target = images
     prediction = model(noisy.to(images.dtype), timesteps, class_labels=labels).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return prediction.float(), target.float()
 
 
 def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraws, cfg,
@@ -131,7 +139,8 @@ def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraw
         labels = torch.where(draws.drop, torch.full_like(labels, cfg.model.num_classes), labels)
     else:
         labels = None
-    return denoising_loss(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables).mean()
+    # Every sample has as many pixels, so the mean over all of them is the mean per-sample loss.
+    return F.mse_loss(*prediction_and_target(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables))
 
 
 def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:

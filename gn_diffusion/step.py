@@ -54,6 +54,11 @@ class TrainStep:
         self.accelerator, self.model, self.forward, self.optimizer, self.ema = accelerator, model, forward, optimizer, ema
         self.cfg, self.memory_format = cfg, memory_format
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # accelerate's optimizer wrapper costs ~0.8 ms of host Python a step (a package look-up
+        # among it); the step below does what it does for us: step only when gradients are
+        # synchronized, through the loss scaler under fp16.
+        self.adamw = getattr(optimizer, "optimizer", optimizer)
+        self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
         self.unwrapped = accelerator.unwrap_model(model)
         self.tables = noise_tables(cfg.diffusion, accelerator.device)
 
@@ -78,14 +83,28 @@ class TrainStep:
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and t.grad_clip:
-                self._clip_gradients()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                if t.grad_clip:
+                    self._clip_gradients()
+                self._optimizer_step()
         return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            self.adamw.step()
+        else:
+            scaler.step(self.adamw)
+            scaler.update()
+        self.adamw.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to train.grad_clip with torch's foreach norm; the total norm stays on the device."""
         if self.accelerator.scaler is not None:  # fp16: clip the true gradients
-            self.accelerator.unscale_gradients()
-        return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+            self.accelerator.scaler.unscale_(self.adamw)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not self.one_group:  # torch groups the tensors by device and dtype itself
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))
+        return total

@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
 
 def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):
-    dtype = x.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    if act not in ("silu", None):
+        raise ValueError(f"act must be 'silu' or None, got {act!r}")
+    # Opening an autocast context costs host time on every call; only do it when one is active.
+    outside = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+    with outside:
         # GN is invariant to a per-group shift; subtracting each group's first element first
         # keeps float32 statistics exact for inputs like 1e4 + 0.1 * randn (large mean, small spread).
         h = shifted_groups(x, num_groups).reshape(x.shape)
-        h = F.group_norm(h, num_groups, _float(weight), _float(bias), eps)
-        if scale is not None:
-            h = h * (1 + scale.float()[:, :, None, None])
-        if shift is not None:
-            h = h + shift.float()[:, :, None, None]
+        if scale is None and shift is None:
+            h = F.group_norm(h, num_groups, _float(weight), _float(bias), eps)
+        else:  # GN's affine and AdaGN folded into one per-(n, c) multiply-add: one pass, not three
+            h = F.group_norm(h, num_groups, None, None, eps)
+            gamma, beta = _adagn_affine(_float(weight), _float(bias), _float(scale), _float(shift))
+            per_channel = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
+            if gamma is None:
+                h = h + beta.reshape(per_channel)
+            elif beta is None:
+                h = h * gamma.reshape(per_channel)
+            else:
+                h = torch.addcmul(beta.reshape(per_channel), h, gamma.reshape(per_channel))
         if act == "silu":
             h = F.silu(h)
-        elif act is not None:
-            raise ValueError(f"act must be 'silu' or None, got {act!r}")
-    return h.to(dtype)
+    return h.to(x.dtype)
+
+
+def _adagn_affine(weight, bias, scale, shift):
+    """[N, C] gamma = w (1 + s) and beta = b (1 + s) + t in as few ops as the present tensors
+    allow (either may be None: no factor, no offset)."""
+    gamma, beta = weight, bias
+    if scale is not None:
+        one_plus = 1 + scale
+        gamma = one_plus if weight is None else one_plus * weight
+        beta = None if bias is None else one_plus * bias
+    if shift is not None:
+        beta = shift if beta is None else beta + shift
+    return gamma, beta  # a [C] gamma or beta (no scale) broadcasts over the samples
 
 
 def shifted_groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
