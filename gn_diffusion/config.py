@@ -83,6 +83,7 @@ class TrainConfig:
     sample_images: int = positive(16)  # images in the grids written every sample_every steps
     checkpoint_every: int = positive(1000)
     keep_checkpoints: int = positive(2)
+    max_bad_steps: int = non_negative(20)  # skipped non-finite steps in a row before the run stops
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
     overwrite: bool = False
 

@@ -16,6 +16,14 @@ import torch
 from torch import nn
 
 
+def lerp_by_tensor(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """starts += weight * (ends - starts) for a 0-dim device tensor `weight`, in three foreach
+    calls (torch's _foreach_lerp_ reads a tensor weight back to the host: a sync)."""
+    steps = torch._foreach_sub(ends, starts)
+    torch._foreach_mul_(steps, weight)
+    torch._foreach_add_(starts, steps)
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -34,12 +42,16 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the averages toward `model`; not at all where the device flag `skip` is 1."""
         if model is not self._source:
             self._pair_with(model)
         averages, values = self._floats
-        if averages:
-            torch._foreach_lerp_(averages, values, 1 - self.current_decay())
+        weight = 1 - self.current_decay()
+        if averages and skip is None:
+            torch._foreach_lerp_(averages, values, weight)
+        elif averages:
+            lerp_by_tensor(averages, values, (1 - skip) * weight)
         if self._others[0]:
             torch._foreach_copy_(*self._others)
         self.num_updates += 1

@@ -17,6 +17,7 @@ from torch import nn
 from .config import Config, TrainConfig
 from .diffusion import draw_step, noise_tables, objective, seeded_generator
 from .ema import EMA
+from .guard import NonFiniteGuard
 from .images import from_uint8
 
 
@@ -54,13 +55,16 @@ class TrainStep:
         self.accelerator, self.model, self.forward, self.optimizer, self.ema = accelerator, model, forward, optimizer, ema
         self.cfg, self.memory_format = cfg, memory_format
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.unwrapped = accelerator.unwrap_model(model)
+        self.tables = noise_tables(cfg.diffusion, accelerator.device)
         # accelerate's optimizer wrapper costs ~0.8 ms of host Python a step (a package look-up
         # among it); the step below does what it does for us: step only when gradients are
         # synchronized, through the loss scaler under fp16.
         self.adamw = getattr(optimizer, "optimizer", optimizer)
         self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
-        self.unwrapped = accelerator.unwrap_model(model)
-        self.tables = noise_tables(cfg.diffusion, accelerator.device)
+        fused = bool(self.adamw.defaults.get("fused"))
+        self.guard = NonFiniteGuard(self.unwrapped, self.adamw, accelerator.device,
+                                    enabled=fused and accelerator.scaler is None)
 
     def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
         """Optimizer step number `step` (0-based); the micro-batches' losses, still on the device."""
@@ -69,9 +73,11 @@ class TrainStep:
             group["lr"] = learning_rate(self.cfg, step)
         losses = []
         first = step * t.gradient_accumulation_steps
+        self.guard.start()
         for micro in range(first, first + t.gradient_accumulation_steps):
             losses.append(self._micro_step(next(data), micro))
-        self.ema.update(self.unwrapped)
+        self.guard.finish()
+        self.ema.update(self.unwrapped, self.guard.bad if self.guard.enabled else None)
         return losses
 
     def _micro_step(self, batch: dict, micro: int) -> torch.Tensor:
@@ -83,9 +89,9 @@ class TrainStep:
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)
+            norm = self._clip_gradients() if accelerator.sync_gradients else None
+            self.guard.judge(loss.detach(), norm)
             if accelerator.sync_gradients:
-                if t.grad_clip:
-                    self._clip_gradients()
                 self._optimizer_step()
         return loss.detach()
 
@@ -99,12 +105,14 @@ class TrainStep:
         self.adamw.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """Clip to train.grad_clip with torch's foreach norm; the total norm stays on the device."""
+        """The total gradient norm (on the device), after clipping to train.grad_clip if set."""
+        clip = self.cfg.train.grad_clip
         if self.accelerator.scaler is not None:  # fp16: clip the true gradients
             self.accelerator.scaler.unscale_(self.adamw)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not self.one_group:  # torch groups the tensors by device and dtype itself
-            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+            return torch.nn.utils.clip_grad_norm_(self.params, clip or float("inf"), foreach=True)
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))
+        if clip:
+            torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
         return total
