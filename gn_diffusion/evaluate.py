@@ -19,6 +19,9 @@ with Triton kernels evaluates on a CPU). Keys:
   sample.KEY=VALUE             the run's sampling settings (scheduler, num_inference_steps,
                                batch_size, seed, class_labels, guidance_scale, use_ema)
   runtime.KEY=VALUE            how the model runs here (backend, cpu, cpu_threads)
+
+Before any sampling it checks that evaluation.json can be written, that the scheduler takes the
+step count, that the model loads and that the extractor builds and scores the reference images.
 """
 
 from __future__ import annotations

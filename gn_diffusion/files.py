@@ -124,7 +124,8 @@ def restore_swapped(final: Path) -> None:
     if final.exists():
         _remove_quietly(old)
     else:
-        os.replace(old, final)
+        with contextlib.suppress(FileNotFoundError):  # another process of the same command did it
+            os.replace(old, final)
 
 
 def _aside(final: Path) -> Path:
