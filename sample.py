@@ -10,6 +10,10 @@ def main(argv: list[str]) -> None:
     sample.num_images, sample.batch_size, sample.seed, sample.class_labels=[3,7],
     sample.guidance_scale, sample.output_dir (default <run>/generated). Writes grid.png,
     images/<index>.png and samples.npz. Several processes: accelerate launch ... sample.py ...
+
+    Everything is checked before the model is loaded: the step count against what the scheduler
+    takes, and the output folder, which must be new, empty or hold only an earlier set of these
+    files (replaced whole: the new set is written beside it and swapped in) and be writable.
     """
     from gn_diffusion.errors import UserError
     from gn_diffusion.sampling import sample_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from .errors import UserError
+from .errors import UserError, file_system_sentence
 
 EXIT_USER_ERROR = 2
 
@@ -20,7 +20,9 @@ def split_args(argv: Sequence[str], default_config: str | None) -> tuple[str | N
 
 
 def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
-    """Run `main`; a UserError becomes one line on stderr and exit status 2, no traceback."""
+    """Run `main`; a UserError, or a failure of the user's disk (read-only, no permission, full,
+    a file where a folder belongs), becomes one line on stderr and exit status 2, no traceback.
+    Every command goes through here, so no command needs its own try/except for the disk."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print((main.__doc__ or "").strip())
@@ -29,6 +31,12 @@ def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None
         main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as exc:
+        sentence = file_system_sentence(exc)
+        if sentence is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {sentence}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

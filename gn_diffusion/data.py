@@ -7,14 +7,18 @@ from the step's seeded generator, so that a resumed run sees the same flips.
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import warnings
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .config import DataConfig
 from .errors import UserError
 from .images import from_uint8
 
@@ -98,16 +102,38 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 def image_folder_arrays(
-    root: str | Path, image_size: int, channels: int, class_labels: bool
+    root: str | Path, image_size: int, channels: int, class_labels: bool, max_pixels: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All readable images of a folder as uint8 [N, C, S, S], labels [N] and the class names.
 
     With `class_labels`, an image's class is the first sub-folder under `root` it lies in
-    (sorted names give indices 0..K-1); otherwise labels are -1.
+    (sorted names give indices 0..K-1); otherwise labels are -1. Files that cannot be decoded, or
+    whose header gives more than `max_pixels` pixels (default data.max_image_pixels' default), are
+    skipped with a warning naming them. Every image is read here, once: the set is fixed before
+    training starts.
     """
-    from tqdm.auto import tqdm
-
     root = Path(root)
+    limit = DataConfig().max_image_pixels if max_pixels is None else max_pixels
+    files = _image_files(root)
+    classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    if class_labels and not classes:
+        raise UserError(f"data.class_labels is set but {root} has no sub-folders; put each class in its own sub-folder.")
+    usable, unreadable, too_large = scan_headers(files, limit)
+    images, read, failed = _decode_all(usable, image_size, channels, limit)
+    unreadable = sorted(unreadable + failed)
+    if not images:  # the sentence alone: no warnings before it
+        raise UserError(f"none of the {len(files)} image files under {root} could be read ({len(unreadable)} "
+                        f"unreadable, {len(too_large)} larger than data.max_image_pixels={limit}); check the files.")
+    _warn_skipped(root, len(files), unreadable, too_large, limit)
+    class_index = {name: i for i, name in enumerate(classes)}
+    labels = [class_index[f.relative_to(root).parts[0]] if class_labels and len(f.relative_to(root).parts) > 1 else -1
+              for f in read]
+    if class_labels and min(labels) < 0:
+        raise UserError(f"data.class_labels is set but {root} has images outside class sub-folders; move them into one.")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _image_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; set data.path to a folder of images.")
     files = list_images(root)
@@ -116,26 +142,86 @@ def image_folder_arrays(
             f"data folder {root} holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images; "
             "put images in it or point data.path elsewhere."
         )
-    classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-    if class_labels and not classes:
-        raise UserError(f"data.class_labels is set but {root} has no sub-folders; put each class in its own sub-folder.")
-    class_index = {name: i for i, name in enumerate(classes)}
-    images, labels, unreadable = [], [], 0
-    for f in tqdm(files, desc="reading images", leave=False, disable=len(files) < 1000):
-        try:
-            images.append(read_image(f, image_size, channels))
-        except (OSError, ValueError, SyntaxError):  # PIL's errors for unreadable or truncated files
-            unreadable += 1
-            continue
-        parts = f.relative_to(root).parts
-        labels.append(class_index[parts[0]] if class_labels and len(parts) > 1 else -1)
-    if not images:
-        raise UserError(f"none of the {len(files)} image files under {root} could be read; check the files.")
+    return files
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a corrupt, truncated or oversized file (PIL turns most into OSError)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, struct.error,
+            Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def pil_pixel_limit(limit: Optional[int]) -> Iterator[None]:
+    """PIL's decompression-bomb limit set to `limit` (None: off) with its warning raised as an
+    error, so an oversized file is refused before its pixels are allocated; restored after."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def scan_headers(files: list[Path], max_pixels: int) -> tuple[list[Path], list[Path], list[tuple[Path, int, int]]]:
+    """(usable files, unreadable files, (file, width, height) of those over `max_pixels`), from
+    each file's header alone: Image.open decodes no pixel, so an oversized file costs nothing."""
+    from PIL import Image
+
+    usable, unreadable, too_large = [], [], []
+    with pil_pixel_limit(None):  # our limit decides here, with the size in hand for the warning
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    width, height = img.size
+            except _decode_errors():
+                unreadable.append(f)
+                continue
+            (too_large.append((f, width, height)) if width * height > max_pixels else usable.append(f))
+    return usable, unreadable, too_large
+
+
+def _decode_all(files: list[Path], image_size: int, channels: int,
+                max_pixels: int) -> tuple[list[np.ndarray], list[Path], list[Path]]:
+    """(the decoded images, the files they came from, the files that failed to decode: a body
+    truncated or corrupt behind a good header)."""
+    from tqdm.auto import tqdm
+
+    images, read, failed = [], [], []
+    # PIL's own check, at our limit, guards a file that grew after its header was scanned.
+    with pil_pixel_limit(max_pixels):
+        for f in tqdm(files, desc="reading images", leave=False, disable=len(files) < 1000):
+            try:
+                images.append(read_image(f, image_size, channels))
+            except _decode_errors():
+                failed.append(f)
+                continue
+            read.append(f)
+    return images, read, failed
+
+
+def _warn_skipped(root: Path, total: int, unreadable: list[Path], too_large: list[tuple[Path, int, int]],
+                  limit: int) -> None:
     if unreadable:
-        warnings.warn(f"skipped {unreadable} unreadable image file(s) of {len(files)} under {root}.", stacklevel=2)
-    if class_labels and min(labels) < 0:
-        raise UserError(f"data.class_labels is set but {root} has images outside class sub-folders; move them into one.")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
+        warnings.warn(f"skipped {len(unreadable)} unreadable image file(s) of {total} under {root}: "
+                      f"{_names(root, unreadable)}.", stacklevel=3)
+    if too_large:
+        sized = [f"{f.relative_to(root)} ({w}x{h})" for f, w, h in too_large]
+        warnings.warn(f"skipped {len(too_large)} image file(s) of {total} under {root} larger than "
+                      f"data.max_image_pixels={limit}: {_names(root, sized)}.", stacklevel=3)
+
+
+def _names(root: Path, items: list, shown: int = 10) -> str:
+    """The first `shown` of `items` (paths are given relative to `root`), then how many more."""
+    names = [str(i.relative_to(root)) if isinstance(i, Path) else i for i in items]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def build_dataset(cfg) -> tuple[TensorImageDataset, int]:
@@ -145,7 +231,8 @@ def build_dataset(cfg) -> tuple[TensorImageDataset, int]:
         images, labels = digits_arrays("train", m.image_size)
         num_classes = DIGITS_CLASSES
     else:
-        images, labels, classes = image_folder_arrays(d.path, m.image_size, m.in_channels, d.class_labels)
+        images, labels, classes = image_folder_arrays(d.path, m.image_size, m.in_channels, d.class_labels,
+                                                      max_pixels=d.max_image_pixels)
         num_classes = len(classes) if d.class_labels else 0
     if m.num_classes and m.num_classes != num_classes:
         raise UserError(

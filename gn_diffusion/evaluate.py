@@ -19,19 +19,24 @@ with Triton kernels evaluates on a CPU). Keys:
   sample.KEY=VALUE             the run's sampling settings (scheduler, num_inference_steps,
                                batch_size, seed, class_labels, guidance_scale, use_ema)
   runtime.KEY=VALUE            how the model runs here (backend, cpu, cpu_threads)
+
+Before any sampling it checks that evaluation.json can be written, that the scheduler takes the
+step count, that the model loads and that the extractor builds and scores the reference images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 from pathlib import Path
 
 from .cli import run_cli
 from .config import Config, load_config
-from .errors import UserError
+from .errors import UserError, file_system_sentence
+from .files import check_writable, write_text_atomic
 from .layout import RunLayout
-from .files import write_text_atomic
 
 SECTIONS = ("eval.", "sample.", "runtime.")
 
@@ -49,23 +54,53 @@ def main(argv: list[str]) -> None:
         raise UserError("name the run to evaluate: python -m gn_diffusion.evaluate RUN_DIR [key=value ...].")
     from accelerate import Accelerator
 
-    from .evaluation import evaluator_for
     from .layout import CONFIG_FILE
-    from .sampling import check_changeable, every_class_once, generate, load_model, model_dir
+    from .sampling import check_changeable, check_sampling, every_class_once, generate, load_model, model_dir
     from .threads import cpu_threads
 
     run_dir, overrides = Path(argv[0]), argv[1:]
     # before the run is read: a refused key is named whatever RUN_DIR holds
     check_changeable(overrides, SECTIONS, "evaluate")
     cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
+    # Every check before the sampling, the long part: the report can be written, the sampling
+    # settings work, the model loads and the extractor is built and scores the reference.
+    check_report_target(RunLayout(run_dir).evaluation)
+    check_sampling(cfg)
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     with cpu_threads(cfg.runtime.cpu_threads):
+        evaluator = checked_evaluator(cfg)
         images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
                                   accelerator=accelerator)
-        report = evaluator_for(cfg).report(images, labels)
+        report = evaluator.report(images, labels)
     if accelerator.is_main_process:
         save_report(run_dir, cfg, report)
+
+
+def check_report_target(path: Path) -> None:
+    """Raise the OSError that writing the report to `path` would raise, before any sampling."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    check_writable(path.parent)
+
+
+def checked_evaluator(cfg: Config):
+    """evaluator_for(cfg), with a plugged extractor's own failure as one sentence. evaluator_for
+    calls the factory and then the extractor on the reference images, so with eval.extractor set,
+    anything from it but a UserError or a disk failure (its import's SyntaxError, its factory
+    raising, its features not a tensor of N rows) is the extractor's to fix."""
+    from .evaluation import evaluator_for
+
+    try:
+        return evaluator_for(cfg)
+    except UserError:
+        raise
+    except Exception as exc:
+        if cfg.eval.extractor is None or file_system_sentence(exc) is not None:
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever it printed
+        raise UserError(f"the feature extractor {cfg.eval.extractor} failed ({detail}); fix it (its factory must "
+                        "return a callable images [N, C, H, W] -> features [N, D]) or unset eval.extractor.") from None
 
 
 def save_report(run_dir: Path, cfg: Config, report) -> None:

@@ -1,9 +1,10 @@
-"""Writing files whole or not at all."""
+"""Writing files and folders whole or not at all, and finding out first whether we can."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +21,112 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        _raise_naming(exc, path, tmp)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """A new empty folder beside `folder` to write a whole set of files into; swapped in for
+    `folder` when the block succeeds (swap_folder), removed when it fails."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    _remove_quietly(tmp)  # a killed earlier run of this pid's
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        swap_folder(tmp, folder)
+    except OSError as exc:
+        _raise_naming(exc, folder, tmp)
+    finally:
+        _remove_quietly(tmp)
+
+
+def _raise_naming(exc: OSError, path: Path, tmp: Path) -> None:
+    """Re-raise `exc` naming `path` when it names our temporary `tmp` (or anything inside it) or
+    no file at all (a write() on a full disk): the user should read the path they asked for, not
+    .grid.tmp123.png."""
+    named = Path(exc.filename) if exc.filename is not None else None
+    if exc.errno is None or (named is not None and named != tmp and tmp not in named.parents):
+        raise exc
+    raise OSError(exc.errno, exc.strerror, str(path)) from exc  # OSError picks the subclass for the errno
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a leftover temporary file or folder. Only when it exists: on a read-only disk even
+    unlinking a missing file fails with EROFS, which would hide the error that got us here."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path`, or its closest ancestor that exists: where a new file or folder would be made."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: str | Path) -> None:
+    """Raise the OSError that writing into `folder` (or the closest existing folder above it, so
+    nothing is created) would raise: a probe file is written through atomic_path, synced (a full
+    disk shows on the sync) and removed. Commands call this before their long work."""
+    where = nearest_existing(folder)
+    probe = where / f".write-probe-{os.getpid()}"
+    try:
+        with atomic_path(probe) as tmp, open(tmp, "wb") as handle:
+            handle.write(b"probe")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(where)) from exc  # the folder, not the probe's name
+    finally:
+        _remove_quietly(probe)
+
+
+def swap_folder(new: Path, final: Path) -> None:
+    """Put the fully written folder `new` at `final`. The old `final` is moved aside to .old-<name>
+    first and removed only once the new one is in place, so a crash leaves the old set (put back
+    by restore_swapped) or the new one, never a mix."""
+    old = _aside(final)
+    moved = final.exists()
+    if moved:
+        _remove_quietly(old)  # stale: a swap whose clean-up was interrupted
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if moved:
+            os.replace(old, final)  # the old set goes back where it was
+        raise
+    _remove_quietly(old)
+
+
+def restore_swapped(final: Path) -> None:
+    """After a crash between swap_folder's two renames, `final` is missing and the old set waits
+    at .old-<name>: put it back. A leftover beside a complete `final` is stale: remove it."""
+    old = _aside(final)
+    if not old.exists():
+        return
+    if final.exists():
+        _remove_quietly(old)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # another process of the same command did it
+            os.replace(old, final)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")

@@ -8,15 +8,21 @@ on how many processes share the work.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint
-from .config import Config, RuntimeConfig, load_config, parse_override, with_overrides
+from .config import Config, DiffusionConfig, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import ConfigError, UserError
+from .files import atomic_folder, check_writable, restore_swapped
 from .images import save_grid, save_pngs, to_uint8
 from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, RunLayout
 from .model_io import load_weights
@@ -138,12 +144,98 @@ def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tenso
     return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
 
 
-def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> Path:
-    """grid.png, images/<index>.png and samples.npz (uint8 images [N, H, W, C] and labels)."""
+# ---------------------------------------------------------------------------------------------
+# Checks before any sampling work
+
+
+def check_sampling(cfg: Config) -> None:
+    """A ConfigError if the scheduler cannot take sample.num_inference_steps for this model's
+    diffusion.num_train_timesteps. (Guidance is checked with the config: finite, and only on a
+    class-conditional model.)"""
+    s, d = cfg.sample, cfg.diffusion
+    if _takes_steps(dataclasses.astuple(d), s.scheduler, s.num_inference_steps):
+        return
+    limit = _most_steps(dataclasses.astuple(d), s.scheduler)
+    raise ConfigError(f"'sample.num_inference_steps' is {s.num_inference_steps} but {s.scheduler} takes at most "
+                      f"{limit} steps for this model (diffusion.num_train_timesteps={d.num_train_timesteps}); "
+                      f"set sample.num_inference_steps={limit} or fewer.")
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_steps(diffusion: tuple, scheduler: str, steps: int) -> bool:
+    """Whether diffusers' scheduler makes `steps` distinct timesteps, tried on the scheduler
+    itself: ddpm and ddim refuse more steps than num_train_timesteps, while dpm-solver++ accepts
+    num_train_timesteps or more but repeats a timestep and ends in NaN images (or an IndexError
+    after the last step)."""
+    sched = make_scheduler(DiffusionConfig(*diffusion), scheduler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # diffusers' numpy deprecation notes
+            sched.set_timesteps(steps)
+    except ValueError:
+        return False
+    timesteps = sched.timesteps.tolist()
+    return len(timesteps) == steps and len(set(timesteps)) == steps
+
+
+@functools.lru_cache(maxsize=16)
+def _most_steps(diffusion: tuple, scheduler: str) -> int:
+    """The largest step count the scheduler takes, by bisection over 1..num_train_timesteps (the
+    accepted counts are 1..limit for every scheduler and schedule, measured: no gaps)."""
+    low, high = 0, DiffusionConfig(*diffusion).num_train_timesteps
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _takes_steps(diffusion, scheduler, mid) else (low, mid - 1)
+    return low
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: one set of images, ours alone
+
+SET_FILES = ("grid.png", "samples.npz")
+SET_IMAGES = "images"
+_IMAGE_NAME = re.compile(r"\d{6}\.png")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What `folder` holds besides an earlier set of ours (grid.png, samples.npz, images/NNNNNN.png)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == SET_IMAGES and entry.is_dir() and not entry.is_symlink():
+            found += [f"{SET_IMAGES}/{p.name}" for p in sorted(entry.iterdir())
+                      if not (_IMAGE_NAME.fullmatch(p.name) and p.is_file())]
+        elif not (entry.name in SET_FILES and entry.is_file()):
+            found.append(entry.name)
+    return found
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Refuse an output folder that holds anything but an earlier set of ours (which a new set
+    replaces whole), or one that cannot be written; run before generating, so no work is lost."""
     folder = Path(folder)
-    save_grid(images, folder / "grid.png", upscale=max(1, 128 // images.shape[-1]))
-    save_pngs(images, folder / "images")
-    np.savez_compressed(folder / "samples.npz", images=to_uint8(images), labels=labels.numpy())
+    restore_swapped(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    others = foreign_entries(folder) if folder.is_dir() else []
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(f"the output folder {folder} holds {others[0]}{more} besides sample.py's own outputs "
+                        "(grid.png, images/, samples.npz), which a new set would replace; set sample.output_dir "
+                        "to a new or empty folder.")
+    check_writable(folder.parent)  # the new set is written beside the folder, then swapped in
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: str | Path) -> Path:
+    """grid.png, images/<index>.png and samples.npz (uint8 images [N, H, W, C] and labels).
+
+    The set is written beside `folder` and swapped in whole, so an earlier set there is replaced,
+    never mixed with this one, and a crash leaves one set or the other."""
+    folder = Path(folder)
+    check_output_folder(folder)
+    with atomic_folder(folder) as tmp:
+        save_grid(images, tmp / "grid.png", upscale=max(1, 128 // images.shape[-1]))
+        save_pngs(images, tmp / SET_IMAGES)
+        np.savez_compressed(tmp / "samples.npz", images=to_uint8(images), labels=labels.numpy())
     return folder
 
 
@@ -162,17 +254,20 @@ def config_here(run_cfg: Config, overrides: list[str]) -> Config:
 
 
 def sample_main(path: str, overrides: list[str]) -> Path:
-    """sample.py: load a run's model, apply `sample.*` overrides, generate and save."""
+    """sample.py: load a run's model, apply `sample.*` overrides, generate and save. Every check
+    (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
 
     check_changeable(overrides, ("sample.", "runtime."), "sample.py")
     folder = model_dir(path)
     cfg = config_here(load_config(folder / CONFIG_FILE), overrides)
+    out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
+    check_sampling(cfg)
+    check_output_folder(out)
     model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     model.to(accelerator.device)
     images, labels = generate(model, cfg, accelerator=accelerator)
-    out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     if accelerator.is_main_process:
         save_samples(images, labels, out)
         print(f"wrote {len(images)} images to {out} (grid.png, images/, samples.npz)")
