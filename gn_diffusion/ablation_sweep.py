@@ -101,9 +101,10 @@ def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional
     state = PartialState()
     validate_ablation(ab, state.num_processes)
     with cpu_threads(ab.base.runtime.cpu_threads):
+        sweep = prepare_sweep(ab, command)  # the evaluator's failures come before the folder is made
         if state.is_main_process:
             claim_folder(Path(ab.output_dir), ab)
-        _run_cells(prepare_sweep(ab, command), state, progress)
+        _run_cells(sweep, state, progress)
     return Path(ab.output_dir)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .cli import run_cli
 from .config import Config, load_config
-from .errors import UserError, file_system_sentence
+from .errors import UserError
 from .files import check_writable, write_text_atomic
 from .layout import RunLayout
 
@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
         raise UserError("name the run to evaluate: python -m gn_diffusion.evaluate RUN_DIR [key=value ...].")
     from accelerate import Accelerator
 
+    from .evaluation import evaluator_for
     from .layout import CONFIG_FILE
     from .sampling import check_changeable, check_sampling, every_class_once, generate, load_model, model_dir
     from .threads import cpu_threads
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     with cpu_threads(cfg.runtime.cpu_threads):
-        evaluator = checked_evaluator(cfg)
+        evaluator = evaluator_for(cfg)
         images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
                                   accelerator=accelerator)
         report = evaluator.report(images, labels)
@@ -82,25 +83,6 @@ def check_report_target(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     check_writable(path.parent)
-
-
-def checked_evaluator(cfg: Config):
-    """evaluator_for(cfg), with a plugged extractor's own failure as one sentence. evaluator_for
-    calls the factory and then the extractor on the reference images, so with eval.extractor set,
-    anything from it but a UserError or a disk failure (its import's SyntaxError, its factory
-    raising, its features not a tensor of N rows) is the extractor's to fix."""
-    from .evaluation import evaluator_for
-
-    try:
-        return evaluator_for(cfg)
-    except UserError:
-        raise
-    except Exception as exc:
-        if cfg.eval.extractor is None or file_system_sentence(exc) is not None:
-            raise
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever it printed
-        raise UserError(f"the feature extractor {cfg.eval.extractor} failed ({detail}); fix it (its factory must "
-                        "return a callable images [N, C, H, W] -> features [N, D]) or unset eval.extractor.") from None
 
 
 def save_report(run_dir: Path, cfg: Config, report) -> None:

@@ -22,7 +22,7 @@ import torch
 from .config import Config, EvalConfig
 from .data import digits_arrays
 from .digits_classifier import digits_classifier
-from .errors import UserError
+from .errors import UserError, file_system_sentence
 from .images import from_uint8
 from .metrics import (
     Scores, class_counts, class_coverage, frechet_distance, kernel_inception_distance, kl_from_uniform,
@@ -187,7 +187,23 @@ def digits_evaluator(image_size: int, settings: EvalConfig = EvalConfig(),
 
 
 def evaluator_for(cfg: Config) -> Evaluator:
-    """The Evaluator for a run's data, with the run's eval settings (cfg.eval).
+    """The Evaluator for a run's data, with the run's eval settings (cfg.eval). A plugged
+    extractor's own failure (its import's SyntaxError, its factory raising, its features not a
+    tensor of N rows) is one sentence: it is the user's code to fix."""
+    try:
+        return _evaluator_for(cfg)
+    except UserError:
+        raise
+    except Exception as exc:
+        if cfg.eval.extractor is None or file_system_sentence(exc) is not None:
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever it printed
+        raise UserError(f"the feature extractor {cfg.eval.extractor} failed ({detail}); fix it (its factory must "
+                        "return a callable images [N, C, H, W] -> features [N, D]) or unset eval.extractor.") from None
+
+
+def _evaluator_for(cfg: Config) -> Evaluator:
+    """evaluator_for without the guard.
 
     Digits: the held-out split is the reference and the training split the floor's pool, with the
     digits classifier or a plugged extractor. An image folder: the user's held-out folder
@@ -209,5 +225,6 @@ def evaluator_for(cfg: Config) -> Evaluator:
 def _folder_images(path: str, cfg: Config) -> torch.Tensor:
     from .data import image_folder_arrays
 
-    images, _, _ = image_folder_arrays(path, cfg.model.image_size, cfg.model.in_channels, class_labels=False)
+    images, _, _ = image_folder_arrays(path, cfg.model.image_size, cfg.model.in_channels, class_labels=False,
+                                       max_pixels=cfg.data.max_image_pixels)
     return from_uint8(images)

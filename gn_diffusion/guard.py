@@ -13,17 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ema import lerp_by_tensor
-
 
 class NonFiniteGuard:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, enabled: bool):
         self.optimizer, self.enabled = optimizer, enabled
-        buffers = [b for b in model.buffers()]
-        self.floats = [b for b in buffers if b.is_floating_point()]
-        self.others = [b for b in buffers if not b.is_floating_point()]
-        self.saved_floats = [b.clone() for b in self.floats]
-        self.saved_others = [b.clone() for b in self.others]
+        self.buffers = list(model.buffers())
+        self.saved = [b.clone() for b in self.buffers]
         self.bad = torch.zeros((), device=device)  # 1.0 when the current step is skipped
         self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -31,10 +26,8 @@ class NonFiniteGuard:
     def start(self) -> None:
         """Before a step's first forward: remember the buffers a skipped step must restore."""
         self.bad.zero_()
-        if self.enabled and self.floats:
-            torch._foreach_copy_(self.saved_floats, self.floats)
-        if self.enabled and self.others:
-            torch._foreach_copy_(self.saved_others, self.others)
+        if self.enabled and self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
 
     def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         """Mark the step bad if this micro-batch's loss (or the step's gradient norm) is not finite."""
@@ -50,12 +43,11 @@ class NonFiniteGuard:
         """After the optimizer step: undo a skipped step's buffer updates and count it."""
         if not self.enabled:
             return
-        if self.floats:
-            lerp_by_tensor(self.floats, self.saved_floats, self.bad)
         bad = self.bad.long()
-        if self.others:  # integer buffers (BatchNorm's batch count): b * saved + (1 - b) * now
-            torch._foreach_mul_(self.others, 1 - bad)
-            torch._foreach_add_(self.others, torch._foreach_mul(self.saved_others, bad))
+        if self.buffers:  # where, not arithmetic: exact, and a NaN statistic must not survive
+            keep_saved = self.bad.bool()
+            torch._foreach_copy_(self.buffers, [torch.where(keep_saved, old, new)
+                                                for old, new in zip(self.saved, self.buffers)])
         self.in_a_row.add_(1).mul_(bad)
         self.skipped.add_(bad)
 

@@ -24,9 +24,11 @@ from .data import build_dataset, collate_batch
 from .diffusion import seeded_generator
 from .ema import EMA
 from .errors import UserError
+from .files import check_writable
 from .images import save_grid
 from .layout import RunLayout
 from .model_io import export_model
+from .sampling import check_sampling, every_class_once, generate
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
 from .step import TrainStep, learning_rate, make_optimizer
@@ -84,8 +86,6 @@ def make_accelerator(cfg: Config):
 
 
 def save_training_grid(ema: EMA, cfg: Config, path: Path, num_images: int) -> Path:
-    from .sampling import every_class_once, generate
-
     images, _ = generate(ema.model, every_class_once(cfg, num_images), progress=False)
     nrow = cfg.model.num_classes or None
     return save_grid(images, path, nrow=nrow, upscale=max(1, 128 // cfg.model.image_size))
@@ -138,7 +138,9 @@ def plan_run(cfg: Config) -> RunPlan:
     model = build_unet(cfg.model, cfg.runtime)
     dataset, _ = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
+    check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
     resume_from = plan_output_dir(cfg, model)
+    check_writable(cfg.train.output_dir)
     return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from)
 
 
@@ -207,14 +209,21 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
             speed.stop(effective, warm=step > session.steps_done + 1)
             bar.update(1)
 
-            if step % t.log_every == 0 or step == t.max_steps:
-                mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+            logs, saves = step % t.log_every == 0 or step == t.max_steps, step % t.checkpoint_every == 0 or step == t.max_steps
+            skipping = check_skips(session, layout, step, t.max_bad_steps) if logs or saves else False
+            if logs:
+                mean_loss = accelerator.reduce(finite_mean(window), "mean").item()
                 window.clear()
                 lr = learning_rate(cfg, step - 1)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate}, step=step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}")
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                skipped = session.step.guard.counts()[1]
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate,
+                                 "train/skipped_steps": skipped}, step=step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}", skipped=skipped)
+            if saves and skipping:
+                accelerator.print(f"step {step}: inside a run of skipped steps; no checkpoint written, none removed")
+            elif saves:
                 check_weights_finite(session, layout, step)
+                check_writable(layout.checkpoints)
                 save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
                                 execution_record(cfg.runtime, accelerator.device))
             if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
@@ -230,6 +239,26 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return layout.root
+
+
+def finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the finite losses (skipped steps' are not), 0 when there are none."""
+    values = torch.stack(losses)
+    finite = torch.isfinite(values)
+    return torch.where(finite, values, 0).sum() / finite.sum().clamp(min=1)
+
+
+def check_skips(session: Session, layout: RunLayout, step: int, limit: int) -> bool:
+    """Whether the latest steps were skipped (a host read, on log and checkpoint steps); a
+    UserError when more than `limit` were, in a row."""
+    in_a_row, _ = session.step.guard.counts()
+    if in_a_row > limit:
+        good = latest_checkpoint(layout.root)
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+        raise UserError(f"the {in_a_row} steps up to step {step} had a non-finite loss or gradient norm (more than "
+                        f"train.max_bad_steps={limit} in a row); {kept}; lower train.lr or set train.grad_clip and "
+                        "resume from it.")
+    return in_a_row > 0
 
 
 def check_weights_finite(session: Session, layout: RunLayout, step: int) -> None:

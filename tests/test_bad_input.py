@@ -130,15 +130,3 @@ def test_triton_kernels_where_they_cannot_run_are_refused_before_the_folder_is_m
     assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "runtime.backend=triton", "runtime.cpu=true"),
                          "runtime.backend is 'triton' but", tmp_path)
     assert not (tmp_path / "out").exists()
-
-
-def test_non_finite_weights_are_never_written_over_a_good_run(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_cli(script_main("train.py"), train_args(out, "train.max_steps=2", "train.checkpoint_every=2"))
-    capsys.readouterr()
-    model_before = snapshot(out / "model")
-    quiet_train = lambda args: train(load_config("configs/digits.yaml", args), progress=False)  # noqa: E731
-    assert_fails_cleanly(capsys, quiet_train, train_args(out, "train.max_steps=4", "train.checkpoint_every=2",
-                                                         "train.resume=auto", "train.lr=1e30", "train.grad_clip=0"),
-                         "the weights became non-finite by step 4; the last good checkpoint", out / "checkpoints")
-    assert snapshot(out / "model") == model_before

@@ -1,0 +1,69 @@
+"""The non-finite guard: a step whose loss or gradient norm is not finite is skipped on the
+device, leaves everything as it was, is counted, and too many in a row stop the run with the
+last good checkpoint and the model untouched."""
+
+import copy
+
+import torch
+
+from gn_diffusion.cli import run_cli
+from gn_diffusion.config import load_config
+from gn_diffusion.op_count import OpCounter
+from gn_diffusion.training import plan_run, start_session, train
+
+from conftest import assert_fails_cleanly, script_main, snapshot, tiny_config
+
+BN = ["model.norm=batch", "train.batch_size=4", "train.log_every=100"]
+
+
+def state_of(session):
+    step = session.step
+    optimizer = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
+                 for k, st in step.adamw.state.items()}
+    return (copy.deepcopy(step.unwrapped.state_dict()), optimizer, copy.deepcopy(step.ema.state_dict()))
+
+
+def assert_same(a, b):
+    for x, y in zip((a[0], a[2]), (b[0], b[2])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    for key, state in a[1].items():
+        for name, value in state.items():
+            assert torch.equal(value, b[1][key][name]), name
+
+
+def test_a_skipped_step_leaves_everything_as_it_was_and_is_counted(tmp_path, monkeypatch):
+    session = start_session(plan_run(tiny_config(tmp_path / "run", *BN)))
+    session.step(session.data, 0)
+    before = state_of(session)
+    import gn_diffusion.step as step_module
+
+    real = step_module.objective
+    monkeypatch.setattr(step_module, "objective", lambda *a: real(*a) * float("nan"))
+    with OpCounter() as ops:
+        session.step(session.data, 1)
+    assert ops.syncs == 0
+    assert_same(before, state_of(session))  # weights, BN running statistics, AdamW moments and step, EMA
+    assert session.step.guard.counts() == (1, 1)
+    monkeypatch.setattr(step_module, "objective", real)
+    session.step(session.data, 2)
+    assert session.step.guard.counts() == (0, 1)
+    after = state_of(session)
+    assert not torch.equal(after[0]["conv_in.weight"], before[0]["conv_in.weight"])
+
+
+def test_too_many_skips_in_a_row_stop_the_run_with_the_good_checkpoints_and_model_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["model.image_size=8", "model.base_channels=16", "model.groups=8", "model.channel_mult=[1]",
+            "model.num_res_blocks=1", "model.attention_resolutions=[]", "diffusion.num_train_timesteps=100",
+            "train.batch_size=8", "train.warmup_steps=2", "train.sample_images=4", "sample.num_images=4",
+            "sample.num_inference_steps=3", f"train.output_dir={out}", "train.checkpoint_every=2"]
+    run_cli(script_main("train.py"), [*args, "train.max_steps=2", "train.log_every=1"])
+    capsys.readouterr()
+    model_before = snapshot(out / "model")
+    quiet_train = lambda argv: train(load_config("configs/digits.yaml", argv), progress=False)  # noqa: E731
+    assert_fails_cleanly(capsys, quiet_train,
+                         [*args, "train.max_steps=6", "train.log_every=1", "train.resume=auto", "train.lr=1e30",
+                          "train.grad_clip=0", "train.max_bad_steps=1"],
+                         "had a non-finite loss or gradient norm (more than train.max_bad_steps=1 in a row); "
+                         "the last good checkpoint is", out / "checkpoints")
+    assert snapshot(out / "model") == model_before
