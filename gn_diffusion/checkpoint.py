@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -42,6 +43,66 @@ def check_checkpoint(path: Path, model) -> None:
     check_weights_fit(model, path / EMA_FILE)
 
 
+def find_damage(path: Path, model, processes: int) -> str | None:
+    """The first file of checkpoint `path` that is missing or cannot be read back whole (with the
+    reason), or None when every one can: weights and EMA (finite), optimizer, every process's RNG
+    state, the loss scaler where there is one, and train_state.json. Pickled files are read with
+    the weights-only loader accelerate uses."""
+    import torch
+    from safetensors.torch import load_file
+
+    def readable(name: str, read) -> str | None:
+        try:
+            read(path / name)
+            return None
+        except Exception as exc:  # any failure to read our own file back means it is damaged
+            return f"{name} ({type(exc).__name__})"
+
+    def weights(file: Path) -> None:
+        tensors = load_file(file)
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            raise ValueError("non-finite weights")
+
+    def state(file: Path) -> None:
+        saved = json.loads(file.read_text())
+        int(saved["step"]), int(saved["ema_updates"])
+
+    names = [(CHECKPOINT_MODEL_FILE, weights), (EMA_FILE, weights), ("optimizer.bin", _torch_state),
+             *((f"random_states_{rank}.pkl", _torch_state) for rank in range(processes)), (STATE_FILE, state)]
+    if (path / "scaler.pt").exists():
+        names.append(("scaler.pt", _torch_state))
+    for name, read in names:
+        damage = readable(name, read)
+        if damage:
+            return damage
+    return None
+
+
+def _torch_state(file: Path) -> None:
+    """Read as accelerate reads it on resume: torch's weights-only loader, with the numpy types
+    its RNG states hold allowed."""
+    from accelerate.utils import load
+
+    load(file, map_location="cpu")
+
+
+def resume_point(output_dir: Path, model, processes: int) -> Path | None:
+    """The newest complete checkpoint of a run (None if it has none yet): a damaged newer one is
+    passed over with a one-line warning naming the damaged file; if every one is damaged, a
+    UserError. A checkpoint of another architecture is a UserError, not damage."""
+    found = list_checkpoints(output_dir)
+    for path in reversed(found):
+        damage = find_damage(path, model, processes)
+        if damage is None:
+            check_checkpoint(path, model)
+            return path
+        print(f"warning: checkpoint {path} is damaged ({damage}); resuming from an older one.", file=sys.stderr)
+    if found:
+        raise UserError(f"every checkpoint in {RunLayout(output_dir).checkpoints} is damaged; start over with "
+                        "train.overwrite=true or set another train.output_dir.")
+    return None
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: int,
                     execution: dict | None = None) -> Path:
     """Called on every process (each writes its RNG state); the main one finishes and renames."""
@@ -53,7 +114,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except RuntimeError as exc:  # torch's writer reports a full disk without an errno
+        if "failed writing" not in str(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final} (the disk is full or cannot be written); free space "
+                        "or set another train.output_dir, then resume: the earlier checkpoints are kept.") from None
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,

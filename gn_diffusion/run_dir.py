@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import check_checkpoint, latest_checkpoint
+from .checkpoint import check_checkpoint, find_damage, resume_point
 from .config import Config, config_from_dict, save_config
 from .errors import UserError
 from .layout import RunLayout
@@ -48,7 +48,7 @@ def existing_run_files(output_dir: Path) -> list[Path]:
     return [path for path in RunLayout(output_dir).run_files if path.exists()]
 
 
-def plan_output_dir(cfg: Config, model) -> Path | None:
+def plan_output_dir(cfg: Config, model, processes: int = 1) -> Path | None:
     """Check (without writing anything) that this run may use its output folder; returns the
     checkpoint to resume from, if any."""
     t = cfg.train
@@ -63,9 +63,13 @@ def plan_output_dir(cfg: Config, model) -> Path | None:
             if changed:
                 raise UserError(f"{out} holds a run with other settings ({changed[0]}); resume it with its own "
                                 "config or set another train.output_dir.")
-        checkpoint = latest_checkpoint(out) if t.resume == "auto" else Path(t.resume)
-        if checkpoint is not None:
+        checkpoint = resume_point(out, model, processes) if t.resume == "auto" else Path(t.resume)
+        if checkpoint is not None and t.resume != "auto":
             check_checkpoint(checkpoint, model)
+            damage = find_damage(checkpoint, model, processes)
+            if damage:
+                raise UserError(f"checkpoint {checkpoint} is damaged ({damage}); set train.resume=auto to resume "
+                                "from the newest complete one, or name another.")
         elif found and old is None:
             raise UserError(f"{out} holds files of another run but no config.yaml; set another train.output_dir.")
         return checkpoint

@@ -139,7 +139,7 @@ def plan_run(cfg: Config) -> RunPlan:
     dataset, _ = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
-    resume_from = plan_output_dir(cfg, model)
+    resume_from = plan_output_dir(cfg, model, accelerator.num_processes)
     check_writable(cfg.train.output_dir)
     return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from)
 
@@ -231,6 +231,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     finally:
         bar.close()  # an error line starts on a line of its own
 
+    check_weights_finite(session, layout, step)
     if accelerator.is_main_process:
         export_model(ema.model, cfg, layout.model)
         grid = save_training_grid(ema, cfg, layout.grid(), cfg.sample.num_images)
