@@ -49,6 +49,9 @@ class DiffusionConfig:
     beta_start: float = positive(1e-4)
     beta_end: float = positive(0.02)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    snr_gamma: Optional[float] = positive(None)  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
+    offset_noise: float = non_negative(0.0)  # std of a per-(sample, channel) constant added to the noise
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v_prediction
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainConfig:
     max_steps: int = positive(4000)
     lr: float = positive(2e-4)
     warmup_steps: int = non_negative(200)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up (diffusers' get_scheduler)
     weight_decay: float = non_negative(0.0)
     adam_beta1: float = unit_interval(0.9)
     adam_beta2: float = unit_interval(0.999)
@@ -294,6 +298,9 @@ def _validate_data(cfg: Config) -> None:
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:
+    if d.rescale_betas_zero_snr and d.prediction_type != "v_prediction":
+        raise ConfigError("diffusion.rescale_betas_zero_snr makes the last timestep pure noise (SNR 0), where "
+                          f"{d.prediction_type} prediction has nothing to learn (0/0); set diffusion.prediction_type=v_prediction.")
     if d.beta_start >= d.beta_end or d.beta_end >= 1:
         raise ConfigError(
             f"betas must satisfy 0 < beta_start < beta_end < 1, got {d.beta_start} and {d.beta_end}."

@@ -32,6 +32,8 @@ def make_scheduler(d: DiffusionConfig, name: str = "ddpm"):
         beta_end=d.beta_end,
         prediction_type=d.prediction_type,
     )
+    if d.rescale_betas_zero_snr:  # sampling must then start at the last timestep: trailing spacing
+        common.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if name == "ddpm":
         return DDPMScheduler(**common, clip_sample=True)
     if name == "ddim":
@@ -69,6 +71,10 @@ class NoiseTables:
     def at(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.signal[timesteps].view(-1, 1, 1, 1), self.noise[timesteps].view(-1, 1, 1, 1)
 
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha_bar / (1 - alpha_bar) at each timestep: 0 at a zero-SNR schedule's last one."""
+        return (self.signal[timesteps] / self.noise[timesteps]) ** 2
+
 
 @functools.lru_cache(maxsize=8)
 def _noise_tables(key: tuple, device: torch.device) -> NoiseTables:
@@ -91,14 +97,18 @@ class StepDraws:
 
 
 def draw_step(images: torch.Tensor, num_train_timesteps: int, label_dropout: float,
-              generator: torch.Generator) -> StepDraws:
-    """Every random draw of a micro-batch, from `generator` (on the images' device) alone."""
+              generator: torch.Generator, offset_noise: float = 0.0) -> StepDraws:
+    """Every random draw of a micro-batch, from `generator` (on the images' device) alone.
+    With offset noise, a constant per (sample, channel) is added to the noise (drawn last, so
+    the other draws are those of a run without it)."""
     n = images.shape[0]
     on = dict(generator=generator, device=images.device)
     timesteps = torch.randint(0, num_train_timesteps, (n,), **on)
     noise = torch.randn(images.shape, **on, dtype=torch.float32)
     flip = torch.rand(n, **on) < 0.5
     drop = torch.rand(n, **on) < label_dropout
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn((*images.shape[:2], *[1] * (images.dim() - 2)), **on)
     return StepDraws(timesteps, noise, flip, drop)
 
 
@@ -108,8 +118,21 @@ def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig,
     d.prediction_type) at the given (image, timestep, noise) triples. `labels` may be None;
     `tables` (default: those of `d` on the images' device) are fetched once by a caller that
     compiles this, so no scheduler is built inside the trace."""
+    tables = tables or noise_tables(d, images.device)
     prediction, target = prediction_and_target(model, images, timesteps, noise, labels, d, tables)
-    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    return loss if d.snr_gamma is None else loss * min_snr_weight(tables.snr(timesteps), d)
+
+
+def min_snr_weight(snr: torch.Tensor, d: DiffusionConfig) -> torch.Tensor:
+    """Min-SNR-gamma weights in the form of each prediction type's loss: min(SNR, g) divided by
+    what the loss already weighs the x0 error by (SNR for epsilon, SNR + 1 for v, 1 for x0)."""
+    clipped = torch.clamp(snr, max=d.snr_gamma)
+    if d.prediction_type == "epsilon":
+        return clipped / snr
+    if d.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
 
 
 def prediction_and_target(model, images, timesteps, noise, labels, d: DiffusionConfig,
@@ -139,12 +162,14 @@ def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraw
         labels = torch.where(draws.drop, torch.full_like(labels, cfg.model.num_classes), labels)
     else:
         labels = None
+    if cfg.diffusion.snr_gamma is not None:
+        return denoising_loss(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables).mean()
     # Every sample has as many pixels, so the mean over all of them is the mean per-sample loss.
     return F.mse_loss(*prediction_and_target(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables))
 
 
 def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:
     """The mean loss of one micro-batch; every random draw comes from `generator`."""
-    images = batch["image"]
-    draws = draw_step(images, cfg.diffusion.num_train_timesteps, cfg.train.label_dropout, generator)
+    images, d = batch["image"], cfg.diffusion
+    draws = draw_step(images, d.num_train_timesteps, cfg.train.label_dropout, generator, d.offset_noise)
     return objective(model, images, batch["label"], draws, cfg)

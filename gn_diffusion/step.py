@@ -9,6 +9,7 @@ checkpoint or sample.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -31,9 +32,23 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warm-up to train.lr over train.warmup_steps, then constant (as DDPM)."""
+    """train.lr times diffusers' schedule (train.lr_schedule, after a linear warm-up over
+    train.warmup_steps) at step + 1, so step 0 already trains; a pure function of the step, so
+    a resumed run continues the schedule exactly."""
     t = cfg.train
-    return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    return t.lr * _schedule(t.lr_schedule, t.warmup_steps, t.max_steps)(step + 1)
+
+
+_DIFFUSERS_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(name: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    from diffusers.optimization import get_scheduler
+
+    holder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)  # the lambda needs an optimizer to attach to
+    return get_scheduler(_DIFFUSERS_NAMES[name], holder, num_warmup_steps=warmup_steps,
+                         num_training_steps=max_steps).lr_lambdas[0]
 
 
 def to_device(batch: dict, device: torch.device, memory_format: torch.memory_format) -> dict:
@@ -85,7 +100,8 @@ class TrainStep:
         batch = to_device(batch, accelerator.device, self.memory_format)
         images = batch["image"]
         generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
-        draws = draw_step(images, self.cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
+        d = self.cfg.diffusion
+        draws = draw_step(images, d.num_train_timesteps, t.label_dropout, generator, d.offset_noise)
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)

@@ -16,7 +16,8 @@ from conftest import in_each_process, launch_two_processes, tiny_config
 
 # Dropout, flips, label dropout and accumulation all draw randomness that must resume exactly.
 STRESS = ["model.dropout=0.1", "data.random_flip=true", "model.num_classes=10", "train.gradient_accumulation_steps=2",
-          "train.batch_size=4", "train.checkpoint_every=2", "train.sample_every=100", "train.keep_checkpoints=3"]
+          "train.batch_size=4", "train.checkpoint_every=2", "train.sample_every=100", "train.keep_checkpoints=3",
+          "train.lr_schedule=cosine"]
 
 
 def run(out, *overrides, progress=False):

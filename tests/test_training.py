@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gn_diffusion.errors import ConfigError
 from gn_diffusion.config import RuntimeConfig, load_config
 from gn_diffusion.diffusion import denoising_loss, noise_schedule, training_loss
 from gn_diffusion.ema import EMA
@@ -74,6 +75,12 @@ def test_learning_rate_warms_up_then_holds(tmp_path):
     assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
+def test_learning_rate_schedules_follow_diffusers_after_the_warm_up(tmp_path):
+    for name, tail in (("linear", [0.75, 0.5, 0.25, 0.0]), ("cosine", [0.854, 0.5, 0.146, 0.0])):
+        cfg = tiny_config(tmp_path, "train.lr=1.0", "train.warmup_steps=2", "train.max_steps=6", f"train.lr_schedule={name}")
+        assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([0.5, 1.0, *tail], abs=1e-3)
+
+
 def test_ema_averages_batchnorm_running_statistics():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     ema = EMA(model, decay=0.5, warmup=False)
@@ -116,3 +123,58 @@ def test_class_conditional_run_exports_a_model_that_samples_each_class(tmp_path)
     images, labels = generate(model, sample_cfg, progress=False)
     assert images.shape == (4, 1, 8, 8) and labels.tolist() == [3, 7, 3, 7]
     assert images.abs().max() <= 1 and torch.isfinite(images).all()
+
+
+class Predicts(nn.Module):
+    """A stand-in model whose prediction is a fixed tensor."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t, class_labels=None):
+        return type("Out", (), {"sample": self.value.expand_as(x)})
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_take_the_form_of_each_prediction_type(tmp_path, prediction):
+    cfg = tiny_config(tmp_path, f"diffusion.prediction_type={prediction}", "diffusion.snr_gamma=5").diffusion
+    x0, noise = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    t = torch.tensor([0, 50, cfg.num_train_timesteps - 1])
+    plain = dataclasses.replace(cfg, snr_gamma=None)
+    model = Predicts(torch.zeros(1, 1, 1, 1))
+    weighted, unweighted = denoising_loss(model, x0, t, noise, None, cfg), denoising_loss(model, x0, t, noise, None, plain)
+    a = noise_schedule(cfg).alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    expected = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1),
+                "sample": snr.clamp(max=5)}[prediction]
+    assert torch.isfinite(weighted).all()
+    assert torch.allclose(weighted.double(), unweighted.double() * expected, rtol=1e-4)
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_stays_finite_at_the_last_step(tmp_path):
+    with pytest.raises(ConfigError, match="set diffusion.prediction_type=v_prediction"):
+        tiny_config(tmp_path, "diffusion.rescale_betas_zero_snr=true")
+    cfg = tiny_config(tmp_path, "diffusion.rescale_betas_zero_snr=true", "diffusion.prediction_type=v_prediction",
+                      "diffusion.snr_gamma=5")
+    assert float(noise_schedule(cfg.diffusion).alphas_cumprod[-1]) == 0.0  # pure noise at t = T - 1
+    t = torch.full((2,), cfg.diffusion.num_train_timesteps - 1)
+    loss = denoising_loss(Predicts(torch.zeros(1, 1, 1, 1)), torch.randn(2, 1, 8, 8), t, torch.randn(2, 1, 8, 8),
+                          None, cfg.diffusion)
+    assert torch.isfinite(loss).all()
+    from gn_diffusion.diffusion import make_scheduler
+
+    scheduler = make_scheduler(cfg.diffusion, "ddim")
+    scheduler.set_timesteps(5)
+    assert int(scheduler.timesteps[0]) == cfg.diffusion.num_train_timesteps - 1  # trailing spacing
+
+
+def test_offset_noise_adds_a_constant_per_sample_and_channel_drawn_last(tmp_path):
+    from gn_diffusion.diffusion import draw_step, seeded_generator
+
+    images = torch.zeros(4, 3, 8, 8)
+    plain = draw_step(images, 100, 0.1, seeded_generator(1))
+    offset = draw_step(images, 100, 0.1, seeded_generator(1), offset_noise=0.5)
+    assert torch.equal(plain.timesteps, offset.timesteps) and torch.equal(plain.flip, offset.flip)
+    shift = offset.noise - plain.noise
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift)) and shift.abs().max() > 0
