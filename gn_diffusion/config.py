@@ -90,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = non_negative(20)  # skipped non-finite steps in a row before the run stops
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
     overwrite: bool = False
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker (in logs/), through accelerate
 
     def images_per_step(self, processes: int) -> int:
         """Images one optimizer step sees over all processes: the effective batch."""

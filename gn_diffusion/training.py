@@ -33,6 +33,7 @@ from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
 from .step import TrainStep, learning_rate, make_optimizer
 from .threads import set_cpu_threads
+from .tracking import check_tracker, log_grid, log_with, start_trackers
 from .unet import GNUNet, build_unet
 
 
@@ -78,7 +79,7 @@ def make_accelerator(cfg: Config):
     try:
         return Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            cpu=cfg.runtime.cpu, log_with="tensorboard", project_config=project,
+            cpu=cfg.runtime.cpu, log_with=log_with(cfg), project_config=project,
         )
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"train.mixed_precision={t.mixed_precision} is not available here ({exc}); "
@@ -129,6 +130,7 @@ def plan_run(cfg: Config) -> RunPlan:
     output folder and checkpoint) before anything is written."""
     from accelerate.utils import set_seed
 
+    check_tracker(cfg)
     accelerator = make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads)
@@ -196,7 +198,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     accelerator.print(f"effective batch {effective} = {t.batch_size} per device x {accelerator.num_processes} "
                       f"process(es) x {t.gradient_accumulation_steps} accumulation step(s); {len(plan.dataset)} images; "
                       + (f"resuming from {plan.resume_from}" if plan.resume_from else "starting at step 0"))
-    accelerator.init_trackers("train", config={k: str(v) for k, v in flat_config(cfg).items()})
+    start_trackers(accelerator, cfg, {k: str(v) for k, v in flat_config(cfg).items()})
 
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
@@ -227,7 +229,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
                 save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
                                 execution_record(cfg.runtime, accelerator.device))
             if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
-                save_training_grid(ema, cfg, layout.grid(step), t.sample_images)
+                log_grid(accelerator, save_training_grid(ema, cfg, layout.grid(step), t.sample_images), step)
     finally:
         bar.close()  # an error line starts on a line of its own
 
@@ -235,6 +237,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
     if accelerator.is_main_process:
         export_model(ema.model, cfg, layout.model)
         grid = save_training_grid(ema, cfg, layout.grid(), cfg.sample.num_images)
+        log_grid(accelerator, grid, step)
         accelerator.print(f"model: {layout.model}; samples: {grid}; {speed.rate:.1f} images/s over "
                           f"{speed.seconds:.0f} s of steady-state training steps")
     accelerator.wait_for_everyone()
