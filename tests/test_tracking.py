@@ -1,7 +1,5 @@
 """Trackers: tensorboard (with the sample grids as images), wandb offline with no network, none."""
 
-import pytest
-
 from gn_diffusion.training import train
 
 from conftest import tiny_config
@@ -19,7 +17,6 @@ def test_tensorboard_gets_the_scalars_and_the_sample_grids(tmp_path):
 
 
 def test_wandb_runs_offline_into_the_run_folder(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: not logged in
