@@ -94,7 +94,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddim"
+    scheduler: Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"] = "ddim"
     num_inference_steps: int = positive(50)
     num_images: int = positive(64)
     batch_size: int = positive(64)
