@@ -103,6 +103,7 @@ def sample_batch(model, cfg: Config, indices: list[int], labels: torch.Tensor) -
     s, m = cfg.sample, cfg.model
     device = next(model.parameters()).device
     generators = [seeded_generator(s.seed, i) for i in indices]
+    # One [1, C, S, S] draw per image, as diffusers' randn_tensor draws for a list of generators.
     shape = (1, m.in_channels, m.image_size, m.image_size)
     noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
     scheduler = make_scheduler(cfg.diffusion, s.scheduler)

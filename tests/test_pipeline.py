@@ -2,6 +2,7 @@
 reproduce sample.py's images; older flat folders still load; the euler, heun and unipc samplers;
 train.init_from's loader."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,20 +11,22 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline
 
-import gn_diffusion.pipeline  # noqa: F401  (makes GNUNet and GNPipeline findable by diffusers)
 from gn_diffusion.config import save_config
 from gn_diffusion.diffusion import make_scheduler, seeded_generator
 from gn_diffusion.errors import ConfigError, UserError
 from gn_diffusion.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
 from gn_diffusion.model_io import export_model, init_weights_from
-from gn_diffusion.pipeline import GNPipeline, load_pipeline
+from gn_diffusion.pipeline import GNPipeline, load_pipeline  # also makes GNUNet and GNPipeline findable by diffusers
 from gn_diffusion.sampling import check_sampling, generate, load_model, model_dir, sample_main
 from gn_diffusion.unet import build_unet
 
 from conftest import random_model, tiny_config
-from test_sampling import with_sample
 
 SEED = 5
+
+
+def with_sample(cfg, **changes):
+    return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
 
 
 def export_run(root: Path, *overrides) -> Path:
