@@ -89,6 +89,7 @@ class TrainConfig:
     keep_checkpoints: int = positive(2)
     max_bad_steps: int = non_negative(20)  # skipped non-finite steps in a row before the run stops
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
+    init_from: Optional[str] = None  # start from an exported model, its run folder or a checkpoint (not a resume)
     overwrite: bool = False
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker (in logs/), through accelerate
 
@@ -99,7 +100,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    scheduler: Literal["ddpm", "ddim", "dpm-solver++"] = "ddim"
+    scheduler: Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"] = "ddim"
     num_inference_steps: int = positive(50)
     num_images: int = positive(64)
     batch_size: int = positive(64)
@@ -284,6 +285,9 @@ def _validate_conditioning(cfg: Config) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
+    if t.resume is not None and t.init_from is not None:
+        raise ConfigError("train.resume and train.init_from are both set; set one: resume continues this run, "
+                          "init_from starts a new run from other weights.")
     if t.resume is not None and t.overwrite:
         raise ConfigError("train.resume and train.overwrite are both set; set one: resume continues a run, overwrite replaces it.")
 
@@ -310,6 +314,9 @@ def _validate_diffusion(d: DiffusionConfig) -> None:
 
 def _validate_sample(cfg: Config) -> None:
     s = cfg.sample
+    if s.scheduler == "heun" and cfg.diffusion.rescale_betas_zero_snr:
+        raise ConfigError("diffusers' heun sampler has no zero-terminal-SNR schedule (diffusion.rescale_betas_zero_snr); "
+                          "choose sample.scheduler=euler, ddim or unipc.")
     if s.guidance_scale != 1.0 and not cfg.model.num_classes:
         raise ConfigError(f"'sample.guidance_scale' is {s.guidance_scale} but the model is unconditional; "
                           "guidance needs a class-conditional model (model.num_classes > 0), so leave it at 1.")

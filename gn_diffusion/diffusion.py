@@ -21,26 +21,40 @@ from .config import DiffusionConfig
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
-def make_scheduler(d: DiffusionConfig, name: str = "ddpm"):
-    """A diffusers scheduler (ddpm, ddim or dpm-solver++) for the DiffusionConfig's schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+# sample.scheduler -> (diffusers class, options beyond the schedule). Each class keeps its own
+# default timestep spacing ("leading" for ddpm/ddim, "linspace" for the rest), as in diffusers.
+_SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", dict(clip_sample=True)),
+    "ddim": ("DDIMScheduler", dict(clip_sample=True)),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+}
+SCHEDULER_NAMES = tuple(_SCHEDULERS)
 
-    common = dict(
+
+def make_scheduler(d: DiffusionConfig, name: str = "ddpm"):
+    """A diffusers scheduler (one of SCHEDULER_NAMES) for the DiffusionConfig's schedule."""
+    import diffusers
+
+    if name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULER_NAMES)}")
+    class_name, options = _SCHEDULERS[name]
+    return getattr(diffusers, class_name)(
         num_train_timesteps=d.num_train_timesteps,
         beta_schedule=_BETA_SCHEDULES[d.beta_schedule],
         beta_start=d.beta_start,
         beta_end=d.beta_end,
         prediction_type=d.prediction_type,
+        **options,
+        **_zero_snr(d),
     )
-    if d.rescale_betas_zero_snr:  # sampling must then start at the last timestep: trailing spacing
-        common.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True)
-    if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=True)
-    if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; choose ddpm, ddim or dpm-solver++")
+
+
+def _zero_snr(d: DiffusionConfig) -> dict:
+    """A zero terminal SNR schedule; sampling must then start at the last timestep: trailing spacing."""
+    return dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if d.rescale_betas_zero_snr else {}
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,7 +2,7 @@
 
     <output_dir>/config.yaml                 the run's full config
     <output_dir>/checkpoints/step-N/         accelerate state + ema.safetensors + train_state.json
-    <output_dir>/model/                      the exported EMA model (safetensors, config.json, ...)
+    <output_dir>/model/                      the exported EMA model: a diffusers pipeline folder
     <output_dir>/samples/step-N.png, final.png
     <output_dir>/logs/                       tensorboard scalars
     <output_dir>/generated/                  sample.py's default output
@@ -20,7 +20,12 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
-# In an exported model folder: what ModelMixin.save_pretrained writes, plus the run's config.
+# An exported model folder is a diffusers pipeline folder: model_index.json, unet/ (what
+# ModelMixin.save_pretrained writes) and scheduler/, plus the run's config.yaml. Older exports
+# held the unet's files at the top.
+MODEL_INDEX = "model_index.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 _STEP_DIR = re.compile(r"step-(\d+)")

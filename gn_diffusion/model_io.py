@@ -1,5 +1,16 @@
 """Model files: export a trained model, and load safetensors weights only after checking that
-the file is whole and fits the architecture (so a bad file is a clear error, not a traceback)."""
+the file is whole and fits the architecture (so a bad file is a clear error, not a traceback).
+
+An exported model folder is a diffusers pipeline folder, as diffusers' training scripts write it:
+
+    model_index.json      DDPMPipeline (unconditional) or GNPipeline (class-conditional)
+    unet/                 GNUNet: config.json + diffusion_pytorch_model.safetensors
+    scheduler/            the DDPM scheduler's scheduler_config.json
+    config.yaml           the run's full config (ours)
+
+Older exports are flat: config.yaml, config.json, scheduler_config.json and the weights at the
+top. Both load here; the pipeline layout also loads with DiffusionPipeline.from_pretrained.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +23,8 @@ from torch import nn
 
 from .config import Config, save_config
 from .errors import UserError
-from .layout import CONFIG_FILE
+from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, STATE_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
+
 _MAX_HEADER = 100 * 2**20
 
 
@@ -78,14 +90,48 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def export_model(model, cfg: Config, folder: Path) -> Path:
-    """save_pretrained (safetensors + config.json), the DDPM scheduler config and the run's
-    config.yaml into `folder`, written beside it and renamed so a crash leaves no half export."""
-    from .diffusion import make_scheduler
+    """The pipeline folder (model_index.json, unet/, scheduler/ with the DDPM scheduler) plus the
+    run's config.yaml, written beside `folder` and renamed so a crash leaves no half export."""
+    from .pipeline import pipeline_for
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    make_scheduler(cfg.diffusion, "ddpm").save_pretrained(tmp)
+    pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
     save_config(cfg, tmp / CONFIG_FILE)
     replace_dir(tmp, folder)
     return folder
+
+
+def model_weights(folder: Path) -> Path | None:
+    """The U-Net weights file of an exported model folder (pipeline layout, then the older flat
+    one), or None when there is neither."""
+    for weights in (folder / UNET_DIR / WEIGHTS_FILE, folder / WEIGHTS_FILE):
+        if weights.is_file():
+            return weights
+    return None
+
+
+def exported_weights(folder: Path) -> Path:
+    """model_weights, or a UserError naming what an exported model folder holds."""
+    weights = model_weights(folder)
+    if weights is None:
+        raise UserError(f"{folder} has no model weights ({UNET_DIR}/{WEIGHTS_FILE}, or {WEIGHTS_FILE} in an older "
+                        "export); export the model again.")
+    return weights
+
+
+def init_weights_from(model: nn.Module, path: str | Path) -> Path:
+    """Load into `model` the weights at `path` (train.init_from): an exported model folder of
+    either layout, a run's output folder (its model/), or a training checkpoint folder (its raw,
+    not EMA, weights: what the optimizer was training). The file is checked to be whole and of
+    this architecture first, and never unpickled. Returns the file read."""
+    path = Path(path)
+    checkpoint = path / CHECKPOINT_MODEL_FILE
+    weights = (checkpoint if checkpoint.is_file() and (path / STATE_FILE).is_file()
+               else model_weights(path) or model_weights(RunLayout(path).model))
+    if weights is None:
+        raise UserError(f"train.init_from={path} is not an exported model ({UNET_DIR}/{WEIGHTS_FILE} or "
+                        f"{WEIGHTS_FILE}), a run folder holding one, or a training checkpoint "
+                        f"({CHECKPOINT_MODEL_FILE} and {STATE_FILE}); point it at one of those.")
+    load_weights(model, weights)
+    return weights

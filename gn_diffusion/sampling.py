@@ -2,7 +2,9 @@
 
 Image i starts from noise drawn from a generator seeded by (sample.seed, i) and that generator
 also feeds the scheduler's own noise (ddpm), so an image does not depend on the batch size or
-on how many processes share the work.
+on how many processes share the work. The loop follows diffusers' pipelines (noise drawn per
+generator as randn_tensor does, scaled by init_noise_sigma, model input by scale_model_input),
+so a diffusers pipeline given the same generators makes the same images.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import inspect
 import os
 import re
 import warnings
@@ -24,8 +27,8 @@ from .diffusion import make_scheduler, seeded_generator
 from .errors import ConfigError, UserError
 from .files import atomic_folder, check_writable, restore_swapped
 from .images import save_grid, save_pngs, to_uint8
-from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, RunLayout
-from .model_io import load_weights
+from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
+from .model_io import exported_weights, load_weights, model_weights
 from .unet import GNUNet, build_unet
 
 
@@ -35,12 +38,12 @@ def model_dir(path: str | Path) -> Path:
     run = RunLayout(path)
     if (run.model / CONFIG_FILE).is_file():
         return run.model
-    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() and model_weights(path) is not None:
         return path
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a training run's output folder or its model/ folder.")
-    raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {WEIGHTS_FILE}); "
-                    "pass a finished run's output folder or its model/ folder.")
+    raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {UNET_DIR}/{WEIGHTS_FILE}, or {WEIGHTS_FILE} "
+                    "in an older export); pass a finished run's output folder or its model/ folder.")
 
 
 def load_model(path: str | Path, *, use_ema: bool = True,
@@ -54,7 +57,7 @@ def load_model(path: str | Path, *, use_ema: bool = True,
     folder = model_dir(path)
     cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
     model = build_unet(cfg.model, cfg.runtime)
-    weights = folder / WEIGHTS_FILE
+    weights = exported_weights(folder)
     if not use_ema:
         checkpoint = latest_checkpoint(folder.parent)
         if checkpoint is None:
@@ -99,17 +102,31 @@ def sample_batch(model, cfg: Config, indices: list[int], labels: torch.Tensor) -
     """Denoise the images with these indices; returns float32 CPU [n, C, S, S] in [-1, 1]."""
     s, m = cfg.sample, cfg.model
     device = next(model.parameters()).device
-    scheduler = make_scheduler(cfg.diffusion, s.scheduler)
-    scheduler.set_timesteps(s.num_inference_steps)
     generators = [seeded_generator(s.seed, i) for i in indices]
-    shape = (m.in_channels, m.image_size, m.image_size)
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    x = x * scheduler.init_noise_sigma
-    labels = labels.to(device)
-    for t in scheduler.timesteps:
-        out = predict(model, scheduler.scale_model_input(x, t), t, labels, s.guidance_scale)
-        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    # One [1, C, S, S] draw per image, as diffusers' randn_tensor draws for a list of generators.
+    shape = (1, m.in_channels, m.image_size, m.image_size)
+    noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+    scheduler = make_scheduler(cfg.diffusion, s.scheduler)
+    x = denoise(model, scheduler, noise, labels.to(device), s.guidance_scale, s.num_inference_steps, generators)
     return x.float().clamp(-1, 1).cpu()
+
+
+@torch.no_grad()
+def denoise(model, scheduler, noise: torch.Tensor, labels: torch.Tensor, guidance_scale: float, steps: int,
+            generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Run `scheduler` from unit-variance `noise` in `steps` steps; the samplers' output, unclamped.
+
+    Shared by sample_batch and GNPipeline. Heun's two model calls per step need nothing here:
+    its timesteps list each inner time twice and step() alternates between the two stages.
+    """
+    scheduler.set_timesteps(steps)
+    # Only some schedulers draw noise in step() (ddpm, euler's churn); the others take no generator.
+    extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = predict(model, scheduler.scale_model_input(x, t), t, labels, guidance_scale)
+        x = scheduler.step(out, t, x, **extra).prev_sample
+    return x
 
 
 def generate(model, cfg: Config, *, accelerator=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,9 +181,11 @@ def check_sampling(cfg: Config) -> None:
 @functools.lru_cache(maxsize=64)
 def _takes_steps(diffusion: tuple, scheduler: str, steps: int) -> bool:
     """Whether diffusers' scheduler makes `steps` distinct timesteps, tried on the scheduler
-    itself: ddpm and ddim refuse more steps than num_train_timesteps, while dpm-solver++ accepts
+    itself: ddpm and ddim refuse more steps than num_train_timesteps; dpm-solver++ accepts
     num_train_timesteps or more but repeats a timestep and ends in NaN images (or an IndexError
-    after the last step)."""
+    after the last step), and unipc repeats one from num_train_timesteps on. euler and heun
+    space fractional timesteps evenly, so they take any count (heun lists each inner time
+    twice, once per model call: distinct times are what count)."""
     sched = make_scheduler(DiffusionConfig(*diffusion), scheduler)
     try:
         with warnings.catch_warnings():
@@ -174,8 +193,7 @@ def _takes_steps(diffusion: tuple, scheduler: str, steps: int) -> bool:
             sched.set_timesteps(steps)
     except ValueError:
         return False
-    timesteps = sched.timesteps.tolist()
-    return len(timesteps) == steps and len(set(timesteps)) == steps
+    return len(set(sched.timesteps.tolist())) == steps
 
 
 @functools.lru_cache(maxsize=16)

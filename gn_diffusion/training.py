@@ -27,7 +27,7 @@ from .errors import UserError
 from .files import check_writable
 from .images import save_grid
 from .layout import RunLayout
-from .model_io import export_model
+from .model_io import export_model, init_weights_from
 from .sampling import check_sampling, every_class_once, generate
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
@@ -138,6 +138,8 @@ def plan_run(cfg: Config) -> RunPlan:
     configure_torch(cfg.runtime)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
     model = build_unet(cfg.model, cfg.runtime)
+    if cfg.train.init_from:  # before the EMA copy is made, so it starts from these weights too
+        init_weights_from(model, cfg.train.init_from)
     dataset, _ = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training

@@ -10,11 +10,9 @@ import safetensors.torch
 from gn_diffusion.layout import WEIGHTS_FILE
 from gn_diffusion.model_io import export_model
 
-from gn_diffusion.cli import run_cli
-from gn_diffusion.config import load_config, save_config
-from gn_diffusion.training import train
+from gn_diffusion.config import save_config
 
-from conftest import ROOT, TINY, assert_fails_cleanly, random_model, script_main, snapshot, tiny_config
+from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config
 
 
 def train_args(out, *extra):
@@ -62,7 +60,7 @@ def test_train_refuses_a_checkpoint_of_another_architecture(run_dir, tmp_path, c
 
 @pytest.mark.parametrize("damage", ["truncated", "not_safetensors", "other_architecture"])
 def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
-    weights = run_dir / "model" / WEIGHTS_FILE
+    weights = run_dir / "model" / "unet" / WEIGHTS_FILE
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "not_safetensors":
@@ -75,7 +73,7 @@ def test_sample_refuses_a_broken_model_file(run_dir, capsys, damage):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sample.scheduler=euler"], "'sample.scheduler' is 'euler'; choose one of ddpm, ddim, dpm-solver++"),
+    (["sample.scheduler=lms"], "'sample.scheduler' is 'lms'; choose one of ddpm, ddim, dpm-solver++, euler, heun, unipc"),
     (["sample.num_images=0"], "'sample.num_images' must be positive"),
     (["sample.batch_size=-4"], "'sample.batch_size' must be positive"),
     (["sample.num_inference_steps=0"], "'sample.num_inference_steps' must be positive"),

@@ -84,7 +84,7 @@ def test_unknown_norm_kind_lists_the_choices():
     ("sample.num_images=-3", "'sample.num_images' must be positive"),
     ("train.ema_decay=1.5", "'train.ema_decay' must be in [0, 1)"),
     ("diffusion.beta_schedule=quadratic", "choose one of linear, cosine"),
-    ("sample.scheduler=euler", "choose one of ddpm, ddim, dpm-solver++"),
+    ("sample.scheduler=lms", "choose one of ddpm, ddim, dpm-solver++, euler, heun, unipc"),
     ("model.attention_resolutions=[5]", "not a resolution of this U-Net"),
     ("model.image_size=15", "cannot be halved"),
     ("model.attention_heads=3", "does not divide attention width"),

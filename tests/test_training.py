@@ -109,7 +109,8 @@ def test_class_conditional_run_exports_a_model_that_samples_each_class(tmp_path)
                       "train.checkpoint_every=2", "train.sample_every=2", "train.keep_checkpoints=1")
     out = train(cfg, progress=False)
     model_dir = out / "model"
-    for name in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json", "config.yaml"):
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+                 "scheduler/scheduler_config.json", "config.yaml"):
         assert (model_dir / name).is_file(), name
     assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step-0000002.png").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # keep_checkpoints=1
