@@ -1,6 +1,6 @@
 """Sample from a trained model: python sample.py RUN_OR_MODEL_DIR [sample.key=value ...]"""
 
-from gn_diffusion.cli import run_cli, split_args
+from gn_diffusion.cli import run_cli, run_settings, split_args
 
 
 def main(argv: list[str]) -> None:
@@ -25,4 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, settings=run_settings("sample.", "runtime."))

@@ -4,7 +4,7 @@ Several processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proc
 (the same command without ACCELERATE_USE_CPU=1 uses GPUs).
 """
 
-from gn_diffusion.cli import run_cli, split_args
+from gn_diffusion.cli import run_cli, run_settings, split_args
 
 
 def main(argv: list[str]) -> None:
@@ -22,4 +22,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, settings=run_settings())

@@ -29,6 +29,13 @@ from .errors import UserError
 REPORT_ONLY = "--report-only"
 
 
+def ablation_settings() -> str:
+    from .ablation_grid import AblationConfig
+    from .typed import settings_help
+
+    return settings_help(AblationConfig)
+
+
 def main(argv: list[str]) -> None:
     sweep_argv, report_only, folder = take_report_only(argv)
     path, overrides = split_args(sweep_argv, default_config=None)
@@ -67,4 +74,4 @@ def take_report_only(argv: list[str]) -> tuple[list[str], bool, Optional[str]]:
 main.__doc__ = __doc__  # --help prints the module's usage
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, settings=ablation_settings)

@@ -19,13 +19,24 @@ def split_args(argv: Sequence[str], default_config: str | None) -> tuple[str | N
     return default_config, args
 
 
-def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+def run_settings(*sections: str) -> Callable[[], str]:
+    """--help's table of a run config's keys (those under `sections`, when given)."""
+    from .config import Config
+    from .typed import settings_help
+
+    return lambda: settings_help(Config, sections)
+
+
+def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
+            settings: Callable[[], str] | None = None) -> None:
     """Run `main`; a UserError, or a failure of the user's disk (read-only, no permission, full,
     a file where a folder belongs), becomes one line on stderr and exit status 2, no traceback.
     Every command goes through here, so no command needs its own try/except for the disk."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print((main.__doc__ or "").strip())
+        if settings is not None:  # every key, its type, default and help, from the config dataclasses
+            print("\n" + settings())
         return
     try:
         main(args)

@@ -25,30 +25,30 @@ from .typed import build_typed, non_negative, positive, setting, unit_interval
 
 @dataclass
 class ModelConfig:
-    image_size: int = positive(16)
-    in_channels: int = positive(1)
+    image_size: int = positive(16)  # pixels per side; halved once per extra channel_mult level
+    in_channels: int = positive(1)  # 1 (grey) or 3 (RGB)
     out_channels: Optional[int] = positive(None)  # None: same as in_channels
-    base_channels: int = positive(64)
-    channel_mult: list[int] = setting(factory=lambda: [1, 2], low=1)
-    num_res_blocks: int = positive(2)
-    attention_resolutions: list[int] = setting(factory=lambda: [8], low=1)
-    attention_heads: int = positive(1)
-    dropout: float = unit_interval(0.0)
+    base_channels: int = positive(64)  # the first level's width; channel_plan gives every other
+    channel_mult: list[int] = setting(factory=lambda: [1, 2], low=1)  # width multiplier per resolution level
+    num_res_blocks: int = positive(2)  # residual blocks per level on the way down
+    attention_resolutions: list[int] = setting(factory=lambda: [8], low=1)  # resolutions with self-attention (the middle block always has it)
+    attention_heads: int = positive(1)  # heads of every attention block
+    dropout: float = unit_interval(0.0)  # in every residual block, before its last conv
     norm: str = "group"  # a name of the norm registry (norms.available_norms)
-    groups: int = positive(32)
-    norm_eps: float = positive(1e-5)
+    groups: int = positive(32)  # group count of the group norm (ignored by the other kinds)
+    norm_eps: float = positive(1e-5)  # added to the variance in every norm
     scale_shift: bool = True  # AdaGN; false gives DDPM's additive timestep conditioning
     num_classes: int = non_negative(0)  # 0: unconditional
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
 
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = positive(1000)
-    beta_schedule: Literal["linear", "cosine"] = "linear"
-    beta_start: float = positive(1e-4)
-    beta_end: float = positive(0.02)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    num_train_timesteps: int = positive(1000)  # T, the forward process's steps
+    beta_schedule: Literal["linear", "cosine"] = "linear"  # cosine is diffusers' squaredcos_cap_v2
+    beta_start: float = positive(1e-4)  # the linear schedule's first beta
+    beta_end: float = positive(0.02)  # the linear schedule's last beta
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # what the model predicts
     snr_gamma: Optional[float] = positive(None)  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
     offset_noise: float = non_negative(0.0)  # std of a per-(sample, channel) constant added to the noise
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v_prediction
@@ -66,31 +66,31 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/digits"
-    seed: int = 0
+    output_dir: str = "runs/digits"  # the run folder
+    seed: int = 0  # weights, batches and noise all follow it
     batch_size: int = positive(32)  # per device
-    gradient_accumulation_steps: int = positive(1)
-    max_steps: int = positive(4000)
-    lr: float = positive(2e-4)
-    warmup_steps: int = non_negative(200)
+    gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
+    max_steps: int = positive(4000)  # optimizer steps of the whole run
+    lr: float = positive(2e-4)  # AdamW's learning rate after the warm-up
+    warmup_steps: int = non_negative(200)  # linear warm-up from 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up (diffusers' get_scheduler)
-    weight_decay: float = non_negative(0.0)
-    adam_beta1: float = unit_interval(0.9)
-    adam_beta2: float = unit_interval(0.999)
+    weight_decay: float = non_negative(0.0)  # AdamW's decoupled weight decay
+    adam_beta1: float = unit_interval(0.9)  # AdamW's first-moment decay
+    adam_beta2: float = unit_interval(0.999)  # AdamW's second-moment decay
     grad_clip: float = non_negative(1.0)  # 0 disables clipping
-    ema_decay: float = unit_interval(0.999)
+    ema_decay: float = unit_interval(0.999)  # the EMA model's decay per step
     ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step) early in training
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast; norms keep float32 statistics
     label_dropout: float = unit_interval(0.1)  # class-conditional models: fraction of labels replaced by null
-    log_every: int = positive(50)
-    sample_every: int = positive(1000)
+    log_every: int = positive(50)  # steps between logged losses (the only host reads of the loss)
+    sample_every: int = positive(1000)  # steps between sample grids in samples/
     sample_images: int = positive(16)  # images in the grids written every sample_every steps
-    checkpoint_every: int = positive(1000)
-    keep_checkpoints: int = positive(2)
+    checkpoint_every: int = positive(1000)  # steps between checkpoints
+    keep_checkpoints: int = positive(2)  # the newest this many are kept
     max_bad_steps: int = non_negative(20)  # skipped non-finite steps in a row before the run stops
     resume: Optional[str] = None  # None | "auto" | a checkpoint folder
     init_from: Optional[str] = None  # start from an exported model, its run folder or a checkpoint (not a resume)
-    overwrite: bool = False
+    overwrite: bool = False  # delete an earlier run's files in output_dir and start over
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker (in logs/), through accelerate
 
     def images_per_step(self, processes: int) -> int:
@@ -100,15 +100,15 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    scheduler: Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"] = "ddim"
-    num_inference_steps: int = positive(50)
-    num_images: int = positive(64)
-    batch_size: int = positive(64)
-    seed: int = 0
+    scheduler: Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"] = "ddim"  # the diffusers sampler
+    num_inference_steps: int = positive(50)  # denoising steps
+    num_images: int = positive(64)  # images to generate
+    batch_size: int = positive(64)  # images denoised at once
+    seed: int = 0  # image i's noise is seeded by (seed, i)
     class_labels: Optional[list[int]] = None  # cycled over the images; None: unconditional
-    guidance_scale: float = non_negative(1.0)
+    guidance_scale: float = non_negative(1.0)  # classifier-free guidance; 1 is none (class-conditional models)
     output_dir: Optional[str] = None  # None: <run dir>/generated
-    use_ema: bool = True
+    use_ema: bool = True  # the EMA weights; false: the latest checkpoint's raw weights
 
 
 @dataclass
@@ -131,8 +131,8 @@ class RuntimeConfig:
     backend: Literal["auto", "triton", "torch"] = "auto"  # group_norm_silu: auto is Triton on CUDA
     cpu: bool = False  # run on the CPU even where a GPU is present
     cpu_threads: int = non_negative(0)  # torch's CPU threads; 0 keeps torch's default (one per core)
-    compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"
-    channels_last: bool = False
+    compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"  # torch.compile mode; reduce-overhead is CUDA graphs
+    channels_last: bool = False  # channels_last model and batches
     deterministic: bool = True  # bit-exact resume; false allows cudnn.benchmark, TF32, autotuning
 
 

@@ -32,7 +32,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import run_cli
+from .cli import run_cli, run_settings
 from .config import Config, load_config
 from .errors import UserError
 from .files import check_writable, write_text_atomic
@@ -95,4 +95,4 @@ def save_report(run_dir: Path, cfg: Config, report) -> None:
 main.__doc__ = __doc__  # --help prints the module's usage
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, settings=run_settings(*SECTIONS))

@@ -140,3 +140,62 @@ def _describe_bounds(b: dict) -> str:
 
 def _describe(kind: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every setting of dataclass `cls`, nested sections
+    included; the help is the field's trailing comment in the source, so the schema documents itself."""
+    hints = typing.get_type_hints(cls)
+    comments = _trailing_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows += describe_fields(kind, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        bounds = f.metadata.get("bounds")
+        kind_text = _type_name(kind) + (f", {_describe_bounds(bounds)}" if bounds else "")
+        rows.append((f"{prefix}{f.name}", kind_text, _default_text(default), comments.get(f.name, "")))
+    return rows
+
+
+def _trailing_comments(cls: type) -> dict[str, str]:
+    import inspect
+    import io
+    import tokenize
+
+    comments, line_field = {}, {}
+    source = inspect.getsource(cls)
+    for line_no, line in enumerate(source.splitlines(), 1):
+        name = line.strip().split(":", 1)[0]
+        if line.startswith("    ") and not line.startswith("     ") and name.isidentifier():
+            line_field[line_no] = name
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and token.start[0] in line_field:
+            comments[line_field[token.start[0]]] = token.string.lstrip("# ").strip()
+    return comments
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return " | ".join(str(o) for o in typing.get_args(kind))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(kind) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(kind)[0])}"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _default_text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def settings_help(cls: type, sections: tuple[str, ...] = (), prefix: str = "") -> str:
+    """A table of the settings of `cls` (only keys under `sections`, when given) for --help."""
+    rows = [r for r in describe_fields(cls, prefix) if not sections or r[0].startswith(sections)]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {key:<{width}}  {kind}, default {default}" + (f": {text}" if text else "")
+             for key, kind, default, text in rows]
+    return "settings (section.key=value):\n" + "\n".join(lines)

@@ -147,3 +147,21 @@ def test_runtime_settings_are_their_own_section():
 
 def test_a_bare_yaml_no_is_read_as_the_choice_no():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_help_lists_every_key_with_its_type_default_and_help(capsys):
+    from gn_diffusion.cli import run_cli
+    from gn_diffusion.typed import describe_fields
+
+    from conftest import script_main
+
+    run_cli(script_main("train.py"), ["--help"])
+    text = capsys.readouterr().out
+    rows = describe_fields(Config)
+    assert {key for key, *_ in rows} == {f"{s}.{k}" for s, v in Config().to_dict().items() for k in v}
+    for key, kind, default, _ in rows:
+        assert f"  {key} " in text and f"{kind}, default {default}" in text, key
+    assert "'train.lr' must" not in text and "train.lr  " in text and "AdamW's learning rate" in text
+    run_cli(script_main("sample.py"), ["--help"])
+    sample_help = capsys.readouterr().out
+    assert "sample.scheduler" in sample_help and "runtime.backend" in sample_help and "train.lr " not in sample_help
