@@ -24,5 +24,7 @@ def main(argv: list[str]) -> None:
     sample_main(path, overrides)
 
 
+main.settings = run_settings("sample.", "runtime.")  # --help lists these keys
+
 if __name__ == "__main__":
-    run_cli(main, settings=run_settings("sample.", "runtime."))
+    run_cli(main)

@@ -21,5 +21,7 @@ def main(argv: list[str]) -> None:
     train(load_config(path, overrides))
 
 
+main.settings = run_settings()  # --help lists every key
+
 if __name__ == "__main__":
-    run_cli(main, settings=run_settings())
+    run_cli(main)

@@ -72,6 +72,7 @@ def take_report_only(argv: list[str]) -> tuple[list[str], bool, Optional[str]]:
 
 
 main.__doc__ = __doc__  # --help prints the module's usage
+main.settings = ablation_settings
 
 if __name__ == "__main__":
-    run_cli(main, settings=ablation_settings)
+    run_cli(main)

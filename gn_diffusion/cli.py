@@ -27,15 +27,15 @@ def run_settings(*sections: str) -> Callable[[], str]:
     return lambda: settings_help(Config, sections)
 
 
-def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
-            settings: Callable[[], str] | None = None) -> None:
+def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
     """Run `main`; a UserError, or a failure of the user's disk (read-only, no permission, full,
     a file where a folder belongs), becomes one line on stderr and exit status 2, no traceback.
     Every command goes through here, so no command needs its own try/except for the disk."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print((main.__doc__ or "").strip())
-        if settings is not None:  # every key, its type, default and help, from the config dataclasses
+        settings = getattr(main, "settings", None)  # a command's table of keys, from the config dataclasses
+        if settings is not None:
             print("\n" + settings())
         return
     try:

@@ -93,6 +93,7 @@ def save_report(run_dir: Path, cfg: Config, report) -> None:
 
 
 main.__doc__ = __doc__  # --help prints the module's usage
+main.settings = run_settings(*SECTIONS)  # and these keys
 
 if __name__ == "__main__":
-    run_cli(main, settings=run_settings(*SECTIONS))
+    run_cli(main)
