@@ -21,9 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import Config, save_config
 from .errors import UserError
-from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, STATE_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
+from .layout import CHECKPOINT_MODEL_FILE, STATE_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
 
 _MAX_HEADER = 100 * 2**20
 
@@ -87,19 +86,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def export_model(model, cfg: Config, folder: Path) -> Path:
-    """The pipeline folder (model_index.json, unet/, scheduler/ with the DDPM scheduler) plus the
-    run's config.yaml, written beside `folder` and renamed so a crash leaves no half export."""
-    from .pipeline import pipeline_for
-
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
-    save_config(cfg, tmp / CONFIG_FILE)
-    replace_dir(tmp, folder)
-    return folder
 
 
 def model_weights(folder: Path) -> Path | None:

@@ -13,6 +13,8 @@ module. Importing this module does both: it imports gn_diffusion.unet, and it ad
 to the diffusers namespace. Nothing is read from the folder but configs and safetensors.
 """
 
+import shutil
+from pathlib import Path
 from typing import Optional, Union
 
 import diffusers
@@ -20,6 +22,11 @@ import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from .config import Config, save_config
+from .diffusion import make_scheduler
+from .layout import CONFIG_FILE
+from .model_io import replace_dir
+from .sampling import denoise, load_model
 from .unet import GNUNet
 
 Generators = Union[torch.Generator, list[torch.Generator], None]
@@ -49,7 +56,6 @@ class GNPipeline(DiffusionPipeline):
         """Images for `class_labels` (one per label; -1 for an unconditional image) or, without
         labels, `batch_size` unconditional ones (default: one per generator, else 1).
         `guidance_scale` is classifier-free guidance, as sample.guidance_scale."""
-        from .sampling import denoise
 
         labels = self._labels(class_labels, batch_size, generator)
         c = self.unet.config
@@ -85,7 +91,6 @@ def pipeline_for(model: GNUNet, cfg) -> DiffusionPipeline:
     """What an export writes: for an unconditional model the DDPMPipeline diffusers' own
     training script writes, for a class-conditional one a GNPipeline; both with the DDPM
     scheduler of the run's schedule (the one training noised with)."""
-    from .diffusion import make_scheduler
 
     scheduler = make_scheduler(cfg.diffusion, "ddpm")
     cls = GNPipeline if model.config.num_classes else DDPMPipeline
@@ -96,8 +101,6 @@ def load_pipeline(path, scheduler: Optional[str] = None, **load_options) -> GNPi
     """A GNPipeline for a run or model folder of either layout, loaded through
     sampling.load_model's checks, with sample.py's scheduler `scheduler` (default: the run's
     sample.scheduler) built as make_scheduler builds it."""
-    from .diffusion import make_scheduler
-    from .sampling import load_model
 
     model, cfg = load_model(path, **load_options)
     return GNPipeline(unet=model, scheduler=make_scheduler(cfg.diffusion, scheduler or cfg.sample.scheduler))
@@ -105,3 +108,14 @@ def load_pipeline(path, scheduler: Optional[str] = None, **load_options) -> GNPi
 
 # _get_pipeline_class looks a model_index.json's _class_name up on the diffusers module.
 setattr(diffusers, GNPipeline.__name__, GNPipeline)
+
+
+def export_model(model, cfg: Config, folder: Path) -> Path:
+    """The pipeline folder (model_index.json, unet/, scheduler/ with the DDPM scheduler) plus the
+    run's config.yaml, written beside `folder` and renamed so a crash leaves no half export."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
+    save_config(cfg, tmp / CONFIG_FILE)
+    replace_dir(tmp, folder)
+    return folder

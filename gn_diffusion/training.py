@@ -27,7 +27,8 @@ from .errors import UserError
 from .files import check_writable
 from .images import save_grid
 from .layout import RunLayout
-from .model_io import export_model, init_weights_from
+from .model_io import init_weights_from
+from .pipeline import export_model
 from .sampling import check_sampling, every_class_once, generate
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note

@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 
 from gn_diffusion.layout import WEIGHTS_FILE
-from gn_diffusion.model_io import export_model
+from gn_diffusion.pipeline import export_model
 
 from gn_diffusion.config import save_config
 

@@ -157,7 +157,7 @@ TINY_UNET = [f"model.image_size={SIZE}", "model.base_channels=8", "model.channel
 def export_untrained(run, overrides=()):
     """An untrained tiny U-Net exported the way training exports its EMA model."""
     from gn_diffusion.config import load_config
-    from gn_diffusion.model_io import export_model
+    from gn_diffusion.pipeline import export_model
     from gn_diffusion.unet import build_unet
 
     cfg = load_config(None, [*TINY_UNET, *overrides])

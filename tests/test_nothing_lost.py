@@ -29,7 +29,7 @@ from gn_diffusion import ablate, evaluate
 from gn_diffusion.cli import run_cli
 from gn_diffusion.config import save_config
 from gn_diffusion.data import build_dataset, image_folder_arrays
-from gn_diffusion.model_io import export_model
+from gn_diffusion.pipeline import export_model
 
 from conftest import ROOT, TINY, assert_fails_cleanly, random_model, script_main, snapshot, tiny_config
 

@@ -15,7 +15,8 @@ from gn_diffusion.config import save_config
 from gn_diffusion.diffusion import make_scheduler, seeded_generator
 from gn_diffusion.errors import ConfigError, UserError
 from gn_diffusion.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
-from gn_diffusion.model_io import export_model, init_weights_from
+from gn_diffusion.model_io import init_weights_from
+from gn_diffusion.pipeline import export_model
 from gn_diffusion.pipeline import GNPipeline, load_pipeline  # also makes GNUNet and GNPipeline findable by diffusers
 from gn_diffusion.sampling import check_sampling, generate, load_model, model_dir, sample_main
 from gn_diffusion.unet import build_unet

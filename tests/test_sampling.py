@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gn_diffusion.config import RuntimeConfig
-from gn_diffusion.model_io import export_model
+from gn_diffusion.pipeline import export_model
 from gn_diffusion.sampling import generate, load_model, sample_main
 
 from conftest import in_each_process, launch_two_processes, random_model, tiny_config
