@@ -85,7 +85,8 @@ class TrainStep:
         batch = to_device(batch, accelerator.device, self.memory_format)
         images = batch["image"]
         generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
-        draws = draw_step(images, self.cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
+        draws = draw_step(images, self.cfg.diffusion.num_train_timesteps, t.label_dropout, generator,
+                          crop_pad=self.cfg.data.random_crop)
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)
