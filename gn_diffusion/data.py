@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .errors import UserError
 from .images import from_uint8
-from .sources import FolderImages, LazyImages, decode_errors, pil_pixel_limit, read_image  # noqa: F401 (re-exported)
+from .sources import FolderImages, decode_errors, pil_pixel_limit, read_image  # noqa: F401 (read_image: re-exported)
 
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 297  # the held-out split: 1500 train + 297 held-out of 1797 images

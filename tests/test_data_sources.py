@@ -207,6 +207,9 @@ def test_random_crop_shifts_each_image_by_its_drawn_offset_with_mirrored_borders
     assert base.crop is None and cropped.crop.shape == (2, 2) and 0 <= cropped.crop.min() <= cropped.crop.max() <= 4
     for name in ("timesteps", "noise", "flip", "drop"):  # crops are drawn last: the rest is unchanged
         assert torch.equal(getattr(base, name), getattr(cropped, name))
+    explained = torch._dynamo.explain(random_crop)(images, offsets, 1)  # the compiled step keeps one graph
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
     with pytest.raises(ConfigError, match="data.random_crop"):
         tiny_config("unused", "data.random_crop=8")
 
