@@ -56,12 +56,16 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "image_folder"] = "digits"
-    path: Optional[str] = None  # image_folder only
+    dataset: Literal["digits", "image_folder", "hf"] = "digits"
+    path: Optional[str] = None  # image_folder: a folder; hf: a save_to_disk folder, data files or a Hub name
     random_flip: bool = False
     class_labels: bool = False  # image_folder: one class per sub-folder
     num_workers: int = non_negative(0)
     max_image_pixels: int = positive(64_000_000)  # larger images are skipped (decompression bombs)
+    random_crop: int = non_negative(0)  # pixels of reflect padding a random crop shifts by; 0: off
+    split: str = "train"  # hf: the split to train on
+    image_column: Optional[str] = None  # hf: None takes the first Image column
+    label_column: Optional[str] = None  # hf: None takes the first ClassLabel column (when model.num_classes > 0)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class EvalConfig:
     extractor: Optional[str] = None  # "module:factory"; None: the digits classifier
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
+    reference_split: Optional[str] = None  # hf models: the held-out split of data.path to compare with
 
 
 @dataclass
@@ -296,6 +301,11 @@ def _validate_data(cfg: Config) -> None:
     d = cfg.data
     if d.dataset == "image_folder" and not d.path:
         raise ConfigError("'data.path' must name a folder of images when data.dataset is image_folder.")
+    if d.dataset == "hf" and not d.path:
+        raise ConfigError("'data.path' must name a data set (a save_to_disk folder or a Hub name) when data.dataset is hf.")
+    if d.random_crop >= cfg.model.image_size:
+        raise ConfigError(f"'data.random_crop' pads by {d.random_crop} pixels, which must be less than "
+                          f"model.image_size={cfg.model.image_size}; a few pixels (2 to 4 at 32x32) is usual.")
     if d.dataset == "digits" and cfg.model.in_channels != 1:
         raise ConfigError(f"the digits dataset is greyscale; set model.in_channels=1 (it is {cfg.model.in_channels}).")
     if cfg.model.in_channels not in (1, 3):

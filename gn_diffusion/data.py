@@ -1,17 +1,18 @@
-"""Datasets: scikit-learn's bundled digits, and a folder of the user's own images.
+"""Datasets: scikit-learn's bundled digits (in memory), a folder of the user's own images and a
+Hugging Face `datasets` split (both decoded lazily, see `sources` and `hf_source`).
 
 Every dataset yields dicts {"image": float tensor [C, S, S] in [-1, 1], "label": int64 tensor}
-(label -1 where the data has none). Random flips are not applied here but in the training step,
-from the step's seeded generator, so that a resumed run sees the same flips.
+(label -1 where the data has none) per item, and whole batches from __getitems__ (uint8 images
+left for the training step to convert on the device). Random flips and crops are not applied
+here but in the training step, from the step's seeded generator, so that a resumed run sees the
+same ones.
 """
 
 from __future__ import annotations
 
-import contextlib
-import struct
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .errors import UserError
 from .images import from_uint8
+from .sources import FolderImages, decode_errors, pil_pixel_limit, read_image  # noqa: F401 (read_image: re-exported)
 
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 297  # the held-out split: 1500 train + 297 held-out of 1797 images
@@ -86,31 +88,15 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """uint8 [C, S, S]: resized so the short side is `image_size`, then center-cropped."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        scale = image_size / min(img.size)
-        size = (max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC)
-        left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def image_folder_arrays(
-    root: str | Path, image_size: int, channels: int, class_labels: bool, max_pixels: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All readable images of a folder as uint8 [N, C, S, S], labels [N] and the class names.
+def folder_source(root: str | Path, image_size: int, channels: int, class_labels: bool,
+                  max_pixels: Optional[int] = None) -> tuple[FolderImages, list[str]]:
+    """The usable images of a folder as a lazy source, and the class names.
 
     With `class_labels`, an image's class is the first sub-folder under `root` it lies in
-    (sorted names give indices 0..K-1); otherwise labels are -1. Files that cannot be decoded, or
-    whose header gives more than `max_pixels` pixels (default data.max_image_pixels' default), are
-    skipped with a warning naming them. Every image is read here, once: the set is fixed before
-    training starts.
+    (sorted names give indices 0..K-1); otherwise labels are -1. Files whose header cannot be
+    read or fails PIL's check, or whose header gives more than `max_pixels` pixels (default
+    data.max_image_pixels' default), are skipped with a warning naming them. Each file is
+    checked here, once, without decoding its pixels: the set is fixed before training starts.
     """
     root = Path(root)
     limit = DataConfig().max_image_pixels if max_pixels is None else max_pixels
@@ -119,18 +105,26 @@ def image_folder_arrays(
     if class_labels and not classes:
         raise UserError(f"data.class_labels is set but {root} has no sub-folders; put each class in its own sub-folder.")
     usable, unreadable, too_large = scan_headers(files, limit)
-    images, read, failed = _decode_all(usable, image_size, channels, limit)
-    unreadable = sorted(unreadable + failed)
-    if not images:  # the sentence alone: no warnings before it
+    if not usable:  # the sentence alone: no warnings before it
         raise UserError(f"none of the {len(files)} image files under {root} could be read ({len(unreadable)} "
                         f"unreadable, {len(too_large)} larger than data.max_image_pixels={limit}); check the files.")
     _warn_skipped(root, len(files), unreadable, too_large, limit)
     class_index = {name: i for i, name in enumerate(classes)}
     labels = [class_index[f.relative_to(root).parts[0]] if class_labels and len(f.relative_to(root).parts) > 1 else -1
-              for f in read]
+              for f in usable]
     if class_labels and min(labels) < 0:
         raise UserError(f"data.class_labels is set but {root} has images outside class sub-folders; move them into one.")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
+    source = FolderImages(root, usable, torch.tensor(labels, dtype=torch.int64), image_size, channels, limit)
+    return source, classes
+
+
+def image_folder_arrays(
+    root: str | Path, image_size: int, channels: int, class_labels: bool, max_pixels: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All usable images of a folder read at once: uint8 [N, C, S, S], labels [N] and the class
+    names (see folder_source). For sets that evaluation holds in memory; training reads lazily."""
+    source, classes = folder_source(root, image_size, channels, class_labels, max_pixels)
+    return source.read_all(), source.labels, classes
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -145,65 +139,25 @@ def _image_files(root: Path) -> list[Path]:
     return files
 
 
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    """What PIL raises for a corrupt, truncated or oversized file (PIL turns most into OSError)."""
-    from PIL import Image
-
-    return (OSError, ValueError, SyntaxError, EOFError, struct.error,
-            Image.DecompressionBombError, Image.DecompressionBombWarning)
-
-
-@contextlib.contextmanager
-def pil_pixel_limit(limit: Optional[int]) -> Iterator[None]:
-    """PIL's decompression-bomb limit set to `limit` (None: off) with its warning raised as an
-    error, so an oversized file is refused before its pixels are allocated; restored after."""
-    from PIL import Image
-
-    before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
-
-
 def scan_headers(files: list[Path], max_pixels: int) -> tuple[list[Path], list[Path], list[tuple[Path, int, int]]]:
     """(usable files, unreadable files, (file, width, height) of those over `max_pixels`), from
-    each file's header alone: Image.open decodes no pixel, so an oversized file costs nothing."""
+    each file's header and PIL's verify (a PNG's chunk checksums, so a truncated body is found
+    here rather than mid-run); no pixel is decoded, so an oversized file costs nothing."""
     from PIL import Image
+    from tqdm.auto import tqdm
 
     usable, unreadable, too_large = [], [], []
     with pil_pixel_limit(None):  # our limit decides here, with the size in hand for the warning
-        for f in files:
+        for f in tqdm(files, desc="checking images", leave=False, disable=len(files) < 1000):
             try:
                 with Image.open(f) as img:
                     width, height = img.size
-            except _decode_errors():
+                    img.verify()
+            except decode_errors():
                 unreadable.append(f)
                 continue
             (too_large.append((f, width, height)) if width * height > max_pixels else usable.append(f))
     return usable, unreadable, too_large
-
-
-def _decode_all(files: list[Path], image_size: int, channels: int,
-                max_pixels: int) -> tuple[list[np.ndarray], list[Path], list[Path]]:
-    """(the decoded images, the files they came from, the files that failed to decode: a body
-    truncated or corrupt behind a good header)."""
-    from tqdm.auto import tqdm
-
-    images, read, failed = [], [], []
-    # PIL's own check, at our limit, guards a file that grew after its header was scanned.
-    with pil_pixel_limit(max_pixels):
-        for f in tqdm(files, desc="reading images", leave=False, disable=len(files) < 1000):
-            try:
-                images.append(read_image(f, image_size, channels))
-            except _decode_errors():
-                failed.append(f)
-                continue
-            read.append(f)
-    return images, read, failed
 
 
 def _warn_skipped(root: Path, total: int, unreadable: list[Path], too_large: list[tuple[Path, int, int]],
@@ -224,19 +178,23 @@ def _names(root: Path, items: list, shown: int = 10) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def build_dataset(cfg) -> tuple[TensorImageDataset, int]:
-    """The training set of a Config and its number of classes (0 when it has no labels)."""
+def build_dataset(cfg) -> tuple[Dataset, int]:
+    """The training set of a Config and its number of classes (0 when it has no labels). The
+    digits are held in memory; image folders and hf data sets are decoded as they are fetched."""
     m, d = cfg.model, cfg.data
     if d.dataset == "digits":
         images, labels = digits_arrays("train", m.image_size)
-        num_classes = DIGITS_CLASSES
+        dataset, num_classes = TensorImageDataset(images, labels), DIGITS_CLASSES
+    elif d.dataset == "hf":
+        from .hf_source import hf_source
+
+        dataset, num_classes = hf_source(d, m.image_size, m.in_channels, use_labels=m.num_classes > 0)
     else:
-        images, labels, classes = image_folder_arrays(d.path, m.image_size, m.in_channels, d.class_labels,
-                                                      max_pixels=d.max_image_pixels)
+        dataset, classes = folder_source(d.path, m.image_size, m.in_channels, d.class_labels, d.max_image_pixels)
         num_classes = len(classes) if d.class_labels else 0
     if m.num_classes and m.num_classes != num_classes:
         raise UserError(
             f"model.num_classes is {m.num_classes} but the data has {num_classes or 'no'} classes; "
             f"set model.num_classes={num_classes}."
         )
-    return TensorImageDataset(images, labels), num_classes
+    return dataset, num_classes

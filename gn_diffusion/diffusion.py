@@ -1,8 +1,8 @@
 """The diffusion objective: diffusers noise schedules, the denoising loss, and seeded randomness.
 
-Training draws timesteps, noise, flips and label dropout on the training device from a generator
-seeded by (seed, micro-batch index, process rank), never from the global RNG, so a resumed or
-multi-process run draws exactly what an uninterrupted one would. (CPU and CUDA generators draw
+Training draws timesteps, noise, flips, crop offsets and label dropout on the training device
+from a generator seeded by (seed, micro-batch index, process rank), never from the global RNG, so
+a resumed or multi-process run draws exactly what an uninterrupted one would. (CPU and CUDA generators draw
 different numbers: a run continued on another kind of device is not bit-exact.)
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -102,19 +103,22 @@ def noise_tables(d: DiffusionConfig, device: torch.device | str) -> NoiseTables:
 
 @dataclass(frozen=True)
 class StepDraws:
-    """The random numbers of one micro-batch: timesteps, noise, flip and label-dropout masks."""
+    """The random numbers of one micro-batch: timesteps, noise, flip and label-dropout masks, and
+    the random crops' (top, left) offsets into the padded images (None without data.random_crop)."""
 
     timesteps: torch.Tensor
     noise: torch.Tensor
     flip: torch.Tensor
     drop: torch.Tensor
+    crop: Optional[torch.Tensor] = None
 
 
 def draw_step(images: torch.Tensor, num_train_timesteps: int, label_dropout: float,
-              generator: torch.Generator, offset_noise: float = 0.0) -> StepDraws:
+              generator: torch.Generator, offset_noise: float = 0.0, crop_pad: int = 0) -> StepDraws:
     """Every random draw of a micro-batch, from `generator` (on the images' device) alone.
-    With offset noise, a constant per (sample, channel) is added to the noise (drawn last, so
-    the other draws are those of a run without it)."""
+    Offset noise (a constant per sample and channel added to the noise) and crop offsets
+    (`crop_pad` is data.random_crop) are drawn after the others and only when asked, so a run
+    without them draws what it always did."""
     n = images.shape[0]
     on = dict(generator=generator, device=images.device)
     timesteps = torch.randint(0, num_train_timesteps, (n,), **on)
@@ -123,7 +127,21 @@ def draw_step(images: torch.Tensor, num_train_timesteps: int, label_dropout: flo
     drop = torch.rand(n, **on) < label_dropout
     if offset_noise:
         noise = noise + offset_noise * torch.randn((*images.shape[:2], *[1] * (images.dim() - 2)), **on)
-    return StepDraws(timesteps, noise, flip, drop)
+    crop = torch.randint(0, 2 * crop_pad + 1, (n, 2), **on) if crop_pad else None
+    return StepDraws(timesteps, noise, flip, drop, crop)
+
+
+def random_crop(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image reflect-padded by `pad` pixels and cut back to its size at its own (top, left)
+    offset in [0, 2 * pad]: a shift of up to `pad` pixels at the true scale. The uncovered border
+    is mirrored rather than black, so the model is not taught edges no real image has. Two
+    gathers on the device: no host sync, and torch.compile traces it."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # [N, H]
+    cols = offsets[:, 1, None] + torch.arange(w, device=images.device)  # [N, W]
+    padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
 def denoising_loss(model, images, timesteps, noise, labels, d: DiffusionConfig,
@@ -168,10 +186,12 @@ def prediction_and_target(model, images, timesteps, noise, labels, d: DiffusionC
 
 def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraws, cfg,
               tables: NoiseTables | None = None) -> torch.Tensor:
-    """The mean loss of one micro-batch given its draws: flips, label dropout, noising and the
-    denoising loss. Pure tensor code, so torch.compile traces it without a graph break."""
+    """The mean loss of one micro-batch given its draws: flips, crops, label dropout, noising and
+    the denoising loss. Pure tensor code, so torch.compile traces it without a graph break."""
     if cfg.data.random_flip:
         images = torch.where(draws.flip[:, None, None, None], images.flip(-1), images)
+    if cfg.data.random_crop:
+        images = random_crop(images, draws.crop, cfg.data.random_crop)
     if cfg.model.num_classes:  # classifier-free guidance: some labels become the null class
         labels = torch.where(draws.drop, torch.full_like(labels, cfg.model.num_classes), labels)
     else:
@@ -185,5 +205,6 @@ def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraw
 def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:
     """The mean loss of one micro-batch; every random draw comes from `generator`."""
     images, d = batch["image"], cfg.diffusion
-    draws = draw_step(images, d.num_train_timesteps, cfg.train.label_dropout, generator, d.offset_noise)
+    draws = draw_step(images, d.num_train_timesteps, cfg.train.label_dropout, generator, d.offset_noise,
+                      cfg.data.random_crop)
     return objective(model, images, batch["label"], draws, cfg)

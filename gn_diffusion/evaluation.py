@@ -206,20 +206,44 @@ def _evaluator_for(cfg: Config) -> Evaluator:
     """evaluator_for without the guard.
 
     Digits: the held-out split is the reference and the training split the floor's pool, with the
-    digits classifier or a plugged extractor. An image folder: the user's held-out folder
-    (eval.reference_dir) is the reference and the training folder the pool, with a plugged extractor.
+    digits classifier or a plugged extractor. An image folder or an hf data set: held-out images
+    (eval.reference_split of data.path for hf, else the folder eval.reference_dir) are the
+    reference and the training data the pool, with a plugged extractor. The pool is read lazily:
+    the floor decodes only the images it draws.
     """
     m, settings = cfg.model, cfg.eval
     extractor = load_extractor(settings.extractor, m.image_size, m.in_channels) if settings.extractor else None
     if cfg.data.dataset == "digits":
         return digits_evaluator(m.image_size, settings, extractor, name=settings.extractor)
-    if extractor is None or settings.reference_dir is None:
+    hf = cfg.data.dataset == "hf"
+    if extractor is None or (settings.reference_dir is None and not (hf and settings.reference_split)):
+        held_out = "eval.reference_split=SPLIT (or eval.reference_dir=FOLDER)" if hf else "eval.reference_dir=FOLDER"
         raise UserError(
-            "a model trained on an image folder is scored with features of your choice against held-out images "
-            "it never saw: set eval.extractor=MODULE:FACTORY and eval.reference_dir=FOLDER."
+            f"a model trained on {'an hf data set' if hf else 'an image folder'} is scored with features of your "
+            f"choice against held-out images it never saw: set eval.extractor=MODULE:FACTORY and {held_out}."
         )
-    return Evaluator(extractor, _folder_images(settings.reference_dir, cfg), _folder_images(cfg.data.path, cfg),
-                     settings=settings, name=settings.extractor)
+    pool, pool_labels = _training_pool(cfg)
+    return Evaluator(extractor, _reference_images(cfg), pool, pool_labels, settings=settings, name=settings.extractor)
+
+
+def _reference_images(cfg: Config) -> torch.Tensor:
+    """The held-out images, all in memory as float: every one of them is scored."""
+    if cfg.data.dataset == "hf" and cfg.eval.reference_split:
+        from .hf_source import hf_source
+
+        source, _ = hf_source(cfg.data, cfg.model.image_size, cfg.model.in_channels, use_labels=False,
+                              split=cfg.eval.reference_split, key="eval.reference_split", whole_ok=False)
+        return from_uint8(source.read_all())
+    return _folder_images(cfg.eval.reference_dir, cfg)
+
+
+def _training_pool(cfg: Config):
+    """The training data as lazily decoded float images, and its labels (None when unused)."""
+    from .data import build_dataset
+    from .sources import FloatImages
+
+    source, _ = build_dataset(cfg)
+    return FloatImages(source), source.labels if cfg.model.num_classes else None
 
 
 def _folder_images(path: str, cfg: Config) -> torch.Tensor:

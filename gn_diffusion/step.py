@@ -101,7 +101,8 @@ class TrainStep:
         images = batch["image"]
         generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
         d = self.cfg.diffusion
-        draws = draw_step(images, d.num_train_timesteps, t.label_dropout, generator, d.offset_noise)
+        draws = draw_step(images, d.num_train_timesteps, t.label_dropout, generator, d.offset_noise,
+                          self.cfg.data.random_crop)
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
             accelerator.backward(loss)
