@@ -11,10 +11,11 @@ num_batches_tracked) that synchronizes itself:
   weight and bias gradients of BatchNorm over the combined batch (DDP then averages the
   parameter gradients, as for any layer).
 
-The CPU statistics are taken in float64 around the running mean, which is the same tensor on
-every process: float32 squares of activations with a large mean would cancel to noise (inputs
-like 1e4 + 0.1 * randn), while float64 keeps them exact, and the shift helps once the running
-mean has caught up. Only the finished statistics go back to float32 to normalize.
+On CPU the input is centred on the running mean (the same tensor on every process) and the
+sums, the normalization and its gradients run in float64; only the normalized values go back to
+float32 for the affine. float32 sums of squares of activations with a large mean cancel to
+noise (inputs like 1e4 + 0.1 * randn); float64 keeps them accurate even before the running mean
+has caught up.
 """
 
 from __future__ import annotations
