@@ -214,7 +214,7 @@ def _preamble(rows: list[CellResult], ab: AblationConfig) -> list[str]:
         "# Normalization ablation",
         "",
         f"Digits at {m.image_size}x{m.image_size}, base_channels {m.base_channels}, "
-        f"channel_mult {m.channel_mult}, groups {m.groups}; {ab.grid.images_seen} training images "
+        f"channel_mult {m.channel_mult}, {grouping(m)}; {ab.grid.images_seen} training images "
         f"per cell, {seed_text}; {ab.eval.num_samples} samples "
         f"({base.sample.scheduler}, {base.sample.num_inference_steps} steps) per cell.",
         "",
@@ -339,3 +339,8 @@ def _style_axes(ax_fd, ax_loss, batch_sizes: list[int]) -> None:
         ax.set_xlabel("per-device batch size")
         ax.grid(alpha=0.3)
     ax_fd.legend(fontsize=8)
+
+
+def grouping(m) -> str:
+    """How the group norm groups channels, as the report's setup line says it."""
+    return f"groups {m.groups}" if m.groups is not None else f"{m.channels_per_group} channels per group"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -98,7 +99,8 @@ def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional
     `command`, the command line that ran the sweep, is quoted in results.md."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # like Accelerator, honour ACCELERATE_USE_CPU (the two-process CPU launch in the README)
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     validate_ablation(ab, state.num_processes)
     with cpu_threads(ab.base.runtime.cpu_threads):
         sweep = prepare_sweep(ab, command)  # the evaluator's failures come before the folder is made

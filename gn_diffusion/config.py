@@ -35,11 +35,28 @@ class ModelConfig:
     attention_heads: int = positive(1)  # heads of every attention block
     dropout: float = unit_interval(0.0)  # in every residual block, before its last conv
     norm: str = "group"  # a name of the norm registry (norms.available_norms)
-    groups: int = positive(32)  # group count of the group norm (ignored by the other kinds)
+    # Group norm's grouping, one of two ways: `groups` per layer, or `channels_per_group` (each
+    # layer of width C gets C / channels_per_group groups). Giving neither means groups=32.
+    groups: Optional[int] = positive(None)  # groups per norm layer (None with neither given: 32)
+    channels_per_group: Optional[int] = positive(None)  # or channels per group: C / this groups per layer
     norm_eps: float = positive(1e-5)  # added to the variance in every norm
     scale_shift: bool = True  # AdaGN; false gives DDPM's additive timestep conditioning
     num_classes: int = non_negative(0)  # 0: unconditional
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
+
+    def __post_init__(self):
+        # Resolved here, so a saved config (to_dict) names the grouping it ran with and reads
+        # back the same, and older configs (groups: 32, no channels_per_group) load unchanged.
+        if self.groups is not None and self.channels_per_group is not None:
+            raise ConfigError(
+                f"'model.groups' ({self.groups}) and 'model.channels_per_group' ({self.channels_per_group}) are both "
+                "set; keep one and set the other to null (model.groups=null to use channels_per_group)."
+            )
+        if self.groups is None and self.channels_per_group is None:
+            self.groups = DEFAULT_GROUPS
+
+
+DEFAULT_GROUPS = 32  # Wu & He's default
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .kernels import BACKENDS, check_layer, group_norm_silu_unchecked
+from .sync_batch_norm import SyncBatchNorm2d
 
 NormBuilder = Callable[[int, int, float, bool, str], nn.Module]
 
@@ -94,7 +95,10 @@ class BatchNorm(nn.BatchNorm2d):
         return modulate(super().forward(x), scale, shift, act)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(SyncBatchNorm2d):
+    """Batch norm over the global batch of every process, on CPU (gloo) as on CUDA; a
+    BatchNorm2d, so its files are those of `batch` (see sync_batch_norm)."""
+
     def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:
         return modulate(super().forward(x), scale, shift, act)
 

@@ -244,7 +244,8 @@ def run(plan: RunPlan, *, progress: bool = True) -> Path:
         accelerator.print(f"model: {layout.model}; samples: {grid}; {speed.rate:.1f} images/s over "
                           f"{speed.seconds:.0f} s of steady-state training steps")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training: it would end the process group a sweep still needs
+        tracker.finish()
     return layout.root
 
 

@@ -95,15 +95,25 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 @dataclass(frozen=True)
 class NormSpec:
-    """Every norm layer of one U-Net: its kind, group count, epsilon and kernel backend."""
+    """Every norm layer of one U-Net: its kind, grouping (a group count, or channels per group),
+    epsilon and kernel backend."""
 
     kind: str
-    groups: int
+    groups: Optional[int]
     eps: float
     backend: str
+    channels_per_group: Optional[int] = None
+
+    def groups_for(self, channels: int) -> int:
+        """The group count of a layer `channels` wide."""
+        if self.channels_per_group is not None:
+            return channels // self.channels_per_group
+        if self.groups is None:
+            raise ValueError("a NormSpec needs groups or channels_per_group")
+        return self.groups
 
     def make(self, channels: int) -> nn.Module:
-        return make_norm(self.kind, channels, groups=self.groups, eps=self.eps, backend=self.backend)
+        return make_norm(self.kind, channels, groups=self.groups_for(channels), eps=self.eps, backend=self.backend)
 
 
 class ResBlock(nn.Module):
@@ -208,16 +218,18 @@ class GNUNet(ModelMixin, ConfigMixin):
         attention_heads: int,
         dropout: float,
         norm: str,
-        groups: int,
+        groups: Optional[int],
         norm_eps: float,
         scale_shift: bool,
         num_classes: int,
+        channels_per_group: Optional[int] = None,
         backend: str = "auto",
     ):
-        # No defaults here: ModelConfig holds them, and build_unet passes every field.
+        # No defaults here: ModelConfig holds them, and build_unet passes every field. (The
+        # exception, channels_per_group, came later: older exported config.json files lack it.)
         super().__init__()
         self.gradient_checkpointing = False
-        norm_spec = NormSpec(norm, groups, norm_eps, backend)
+        norm_spec = NormSpec(norm, groups, norm_eps, backend, channels_per_group)
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -344,15 +356,16 @@ def _check_attention_heads(m) -> None:
 
 
 def _check_groups(m) -> None:
-    """Group counts must divide every width a norm sees, including the skip concatenations."""
+    """The grouping must divide every width a norm sees, including the skip concatenations."""
     if not norm_uses_groups(m.norm):  # batch, layer, instance, ... ignore model.groups
         return
     widths = norm_widths(m.base_channels, m.channel_mult, m.num_res_blocks)
-    bad = sorted(w for w in set(widths) if w % m.groups)
+    key, size = ("channels_per_group", m.channels_per_group) if m.channels_per_group else ("groups", m.groups)
+    bad = sorted(w for w in set(widths) if w % size)
     if bad:
         fit = math.gcd(*widths)
-        fit = max(d for d in range(1, min(fit, m.groups) + 1) if fit % d == 0)
+        fit = max(d for d in range(1, min(fit, size) + 1) if fit % d == 0)
         raise ConfigError(
-            f"'model.groups' {m.groups} does not divide the channel width(s) {bad} that a norm sees; "
-            f"set model.groups={fit} or change model.base_channels/channel_mult."
+            f"'model.{key}' {size} does not divide the channel width(s) {bad} that a norm sees; "
+            f"set model.{key}={fit} or change model.base_channels/channel_mult."
         )
