@@ -125,7 +125,7 @@ def test_train_py_runs_sync_batch_on_two_gloo_processes(tmp_path):
     run = tmp_path / "run"
     assert (tmp_path / "rank-1-ran").exists() and (run / "samples" / "final.png").is_file()
     assert (run / "checkpoints" / "step-3" / "model.safetensors").is_file()
-    weights = safetensors.torch.load_file(run / "model" / "diffusion_pytorch_model.safetensors")
+    weights = safetensors.torch.load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert int(weights["norm_out.num_batches_tracked"]) == 3
     assert not torch.equal(weights["norm_out.running_var"], torch.ones(16))
     assert "norm: sync_batch" in (run / "config.yaml").read_text()
