@@ -47,19 +47,27 @@ def assert_identical(a, b):
             assert torch.equal(value, b["optimizer"][index][key]), f"optimizer {index} {key}"
 
 
+# Two processes: BatchNorm synchronised across them (gloo), the norm with the most cross-process state.
+SYNCED = "model.norm=sync_batch"
+
+
 def _stop_then_resume_on_two_processes(tmp: str):
     in_each_process(tmp)
     tmp = Path(tmp)
-    run(tmp / "full", "train.max_steps=4")
-    run(tmp / "split", "train.max_steps=2")
-    run(tmp / "split", "train.max_steps=4", "train.resume=auto")
+    run(tmp / "full", SYNCED, "train.max_steps=4")
+    run(tmp / "split", SYNCED, "train.max_steps=2")
+    run(tmp / "split", SYNCED, "train.max_steps=4", "train.resume=auto")
 
 
-def test_resume_is_exact_with_two_processes(tmp_path):
+def test_resume_is_exact_with_two_processes_and_synchronised_batch_norm(tmp_path):
     launch_two_processes(_stop_then_resume_on_two_processes, str(tmp_path))
     assert (tmp_path / "rank-0-ran").exists() and (tmp_path / "rank-1-ran").exists()
     assert (tmp_path / "full" / "checkpoints" / "step-4" / "random_states_1.pkl").is_file()  # rank 1 saved its RNG
-    assert_identical(checkpoint_state(tmp_path / "full", 4), checkpoint_state(tmp_path / "split", 4))
+    full = checkpoint_state(tmp_path / "full", 4)
+    assert_identical(full, checkpoint_state(tmp_path / "split", 4))
+    assert int(full["model"]["norm_out.num_batches_tracked"]) == 8  # 4 steps x 2 accumulation micro-batches
+    assert not torch.equal(full["model"]["norm_out.running_var"], torch.ones_like(full["model"]["norm_out.running_var"]))
+    assert "norm: sync_batch" in (tmp_path / "full" / "config.yaml").read_text()
 
 
 def test_resume_is_exact_with_one_process_even_after_a_kill_during_saving(tmp_path, monkeypatch):

@@ -1,13 +1,13 @@
 """model.norm=sync_batch on CPU: two gloo processes at batch 2 are BatchNorm at batch 4 (outputs,
 gradients, running statistics), large means keep their accuracy, one process is BatchNorm,
-the files are BatchNorm2d's, and train.py runs it on two processes end to end."""
+the files are BatchNorm2d's. (Training with it on two processes, and resuming exactly, is
+tests/test_resume.py's two-process test.)"""
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from gn_diffusion.norms import SyncBatchNorm
-from conftest import in_each_process, launch_two_processes, script_main
+from conftest import in_each_process, launch_two_processes
 
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
@@ -105,27 +105,3 @@ def test_one_process_is_batch_norm_with_batch_norm_files():
         assert torch.equal(got, want)
     assert torch.equal(synced.running_var, reference.running_var)
     assert torch.equal(synced.weight.grad, reference.weight.grad)
-
-
-def _train_on_two_processes(out: str):
-    in_each_process(out)
-    args = ["configs/digits.yaml", *tiny_args(out)]
-    script_main("train.py")(args)
-
-
-def tiny_args(out: str) -> list[str]:
-    from conftest import TINY
-
-    return [*TINY, f"train.output_dir={out}/run", "model.norm=sync_batch", "train.batch_size=2", "train.max_steps=3",
-            "train.checkpoint_every=3", "train.sample_every=100"]
-
-
-def test_train_py_runs_sync_batch_on_two_gloo_processes(tmp_path):
-    launch_two_processes(_train_on_two_processes, str(tmp_path))
-    run = tmp_path / "run"
-    assert (tmp_path / "rank-1-ran").exists() and (run / "samples" / "final.png").is_file()
-    assert (run / "checkpoints" / "step-3" / "model.safetensors").is_file()
-    weights = safetensors.torch.load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert int(weights["norm_out.num_batches_tracked"]) == 3
-    assert not torch.equal(weights["norm_out.running_var"], torch.ones(16))
-    assert "norm: sync_batch" in (run / "config.yaml").read_text()
