@@ -121,6 +121,8 @@ class EvalConfig:
     extractor: Optional[str] = None  # "module:factory"; None: the digits classifier
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
+    inception_weights: Optional[str] = None  # eval.extractor=inception: a local Inception-v3 weights file (torch-fidelity's .pth or .safetensors); None: the library's download or cache
+    inception_batch_size: int = positive(50)  # eval.extractor=inception: images per Inception forward (lower it if memory runs out)
 
 
 @dataclass
@@ -329,5 +331,6 @@ def _validate_sample(cfg: Config) -> None:
 
 
 def _validate_extractor(e: EvalConfig) -> None:
-    if e.extractor is not None and ":" not in e.extractor:
-        raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:inception.")
+    if e.extractor is not None and e.extractor != "inception" and ":" not in e.extractor:
+        raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:make, "
+                          "or inception for FID's Inception-v3 features.")
