@@ -139,10 +139,12 @@ class EvalConfig:
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
     seed: int = 0  # picks the floor's real images and the KID subsets
-    extractor: Optional[str] = None  # "module:factory"; None: the digits classifier
+    extractor: Optional[str] = None  # "inception", or "module:factory"; None: the digits classifier
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
     reference_split: Optional[str] = None  # hf models: the held-out split of data.path to compare with
+    inception_weights: Optional[str] = None  # eval.extractor=inception: a local Inception-v3 weights file; None: download
+    inception_batch_size: int = positive(50)  # eval.extractor=inception: images per Inception forward (lower it if memory runs out)
 
 
 @dataclass
@@ -356,5 +358,6 @@ def _validate_sample(cfg: Config) -> None:
 
 
 def _validate_extractor(e: EvalConfig) -> None:
-    if e.extractor is not None and ":" not in e.extractor:
-        raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:inception.")
+    if e.extractor is not None and e.extractor != "inception" and ":" not in e.extractor:
+        raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:make, "
+                          "or inception for FID's Inception-v3 features.")

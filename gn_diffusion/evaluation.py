@@ -44,8 +44,14 @@ class Classifier(FeatureExtractor, Protocol):
         ...
 
 
-def load_extractor(spec: str, image_size: int, in_channels: int) -> FeatureExtractor:
-    """Import `module:factory` and call `factory(image_size=..., in_channels=...)`."""
+def load_extractor(spec: str, image_size: int, in_channels: int, settings: EvalConfig = EvalConfig(),
+                   cpu: bool = False) -> FeatureExtractor:
+    """Import `module:factory` and call `factory(image_size=..., in_channels=...)`; the spec
+    "inception" is FID's Inception-v3 pool3 features (inception.py), with eval.inception_* (`settings`)."""
+    if spec == "inception":
+        from .inception import inception_extractor  # torch-fidelity is an extra: imported only when asked for
+
+        return inception_extractor(settings.inception_weights, settings.inception_batch_size, cpu=cpu)
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -212,7 +218,8 @@ def _evaluator_for(cfg: Config) -> Evaluator:
     the floor decodes only the images it draws.
     """
     m, settings = cfg.model, cfg.eval
-    extractor = load_extractor(settings.extractor, m.image_size, m.in_channels) if settings.extractor else None
+    extractor = (load_extractor(settings.extractor, m.image_size, m.in_channels, settings, cpu=cfg.runtime.cpu)
+                 if settings.extractor else None)
     if cfg.data.dataset == "digits":
         return digits_evaluator(m.image_size, settings, extractor, name=settings.extractor)
     hf = cfg.data.dataset == "hf"
