@@ -22,7 +22,7 @@ from gn_diffusion.errors import ConfigError, UserError
 from gn_diffusion.evaluation import evaluator_for, load_extractor
 from gn_diffusion.images import to_uint8
 from gn_diffusion.inception import DIMENSION, to_inception_input
-from gn_diffusion.model_io import export_model
+from gn_diffusion.pipeline import export_model
 
 from conftest import assert_fails_cleanly, random_model, tiny_config
 
