@@ -73,11 +73,11 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "image_folder", "hf"] = "digits"
+    dataset: Literal["digits", "image_folder", "hf"] = "digits"  # digits | image_folder | hf (see README: data sources)
     path: Optional[str] = None  # image_folder: a folder; hf: a save_to_disk folder, data files or a Hub name
-    random_flip: bool = False
+    random_flip: bool = False  # horizontal flips, drawn on the training device
     class_labels: bool = False  # image_folder: one class per sub-folder
-    num_workers: int = non_negative(0)
+    num_workers: int = non_negative(0)  # DataLoader workers that decode images (0: in the main process)
     max_image_pixels: int = positive(64_000_000)  # larger images are skipped (decompression bombs)
     random_crop: int = non_negative(0)  # pixels of reflect padding a random crop shifts by; 0: off
     split: str = "train"  # hf: the split to train on
@@ -135,7 +135,7 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = setting(500, low=2)  # images generated per evaluation; the floor uses as many real ones
-    kid_subsets: int = setting(100, low=2)
+    kid_subsets: int = setting(100, low=2)  # random subsets KID is averaged over
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
     seed: int = 0  # picks the floor's real images and the KID subsets

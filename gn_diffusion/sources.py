@@ -9,6 +9,7 @@ A source yields batches as {"image": uint8 [B, C, S, S], "label": int64 [B]} fro
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import os
@@ -73,7 +74,7 @@ def read_image(source: Any, image_size: int, channels: int) -> np.ndarray:
         return fit_image(img, image_size, channels)
 
 
-class LazyImages(Dataset):
+class LazyImages(Dataset, abc.ABC):
     """Items decoded when fetched. A subclass says where item i's encoded image is (`_sources`)
     and what to call it in a warning (`_name`).
 
@@ -90,11 +91,13 @@ class LazyImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def _sources(self, indices: Sequence[int]) -> list[Any]:
-        raise NotImplementedError
+        """Item indices' encoded images: paths, or bytes."""
 
+    @abc.abstractmethod
     def _name(self, i: int) -> str:
-        raise NotImplementedError
+        """What a warning calls item i."""
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([i])

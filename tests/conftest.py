@@ -92,3 +92,17 @@ def assert_fails_cleanly(capsys, main, args, message, keep: Path):
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert message in err, err
     assert snapshot(keep) == before
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished-looking tiny run (unconditional, 100 training timesteps): config.yaml and an
+    exported model with non-trivial weights."""
+    from gn_diffusion.config import save_config
+    from gn_diffusion.pipeline import export_model
+
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "train.max_steps=1")
+    export_model(random_model(cfg), cfg, out / "model")
+    save_config(cfg, out / "config.yaml")
+    return out

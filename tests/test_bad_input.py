@@ -8,9 +8,7 @@ import pytest
 import safetensors.torch
 
 from gn_diffusion.layout import WEIGHTS_FILE
-from gn_diffusion.pipeline import export_model
 
-from gn_diffusion.config import save_config
 
 from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config
 
@@ -19,14 +17,6 @@ def train_args(out, *extra):
     return [*TINY, f"train.output_dir={out}", "train.max_steps=1", *extra]
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A finished-looking run: config.yaml, an exported model and a checkpoint-like file."""
-    cfg = tiny_config(tmp_path / "run", "train.max_steps=1")
-    out = tmp_path / "run"
-    export_model(random_model(cfg), cfg, out / "model")
-    save_config(cfg, out / "config.yaml")
-    return out
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])

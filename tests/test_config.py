@@ -159,7 +159,8 @@ def test_help_lists_every_key_with_its_type_default_and_help(capsys):
     text = capsys.readouterr().out
     rows = describe_fields(Config)
     assert {key for key, *_ in rows} == {f"{s}.{k}" for s, v in Config().to_dict().items() for k in v}
-    for key, kind, default, _ in rows:
+    for key, kind, default, help_text in rows:
+        assert help_text, f"{key} has no help: give its field a trailing comment in config.py"
         assert f"  {key} " in text and f"{kind}, default {default}" in text, key
     assert "'train.lr' must" not in text and "train.lr  " in text and "AdamW's learning rate" in text
     run_cli(script_main("sample.py"), ["--help"])

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from gn_diffusion import evaluate, sampling
-from gn_diffusion.config import EvalConfig, load_config, save_config
+from gn_diffusion.config import EvalConfig, load_config
 from gn_diffusion.errors import ConfigError, UserError
 from gn_diffusion.evaluation import evaluator_for, load_extractor
 from gn_diffusion.images import to_uint8
 from gn_diffusion.inception import DIMENSION, to_inception_input
-from gn_diffusion.pipeline import export_model
 
-from conftest import assert_fails_cleanly, random_model, tiny_config
+from conftest import assert_fails_cleanly
 
 
 
@@ -52,13 +51,6 @@ def random_weights(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
-    cfg = tiny_config(out, "train.max_steps=1")
-    export_model(random_model(cfg), cfg, out / "model")
-    save_config(cfg, out / "config.yaml")
-    return out
 
 
 @pytest.fixture

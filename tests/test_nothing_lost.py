@@ -27,23 +27,13 @@ import gn_diffusion.files as files
 import gn_diffusion.sampling as sampling
 from gn_diffusion import ablate, evaluate
 from gn_diffusion.cli import run_cli
-from gn_diffusion.config import save_config
 from gn_diffusion.data import build_dataset, image_folder_arrays
-from gn_diffusion.pipeline import export_model
 
-from conftest import ROOT, TINY, assert_fails_cleanly, random_model, script_main, snapshot, tiny_config
+from conftest import ROOT, TINY, assert_fails_cleanly, script_main, snapshot, tiny_config
 
 DISK_FAILURES = {errno.EROFS: "is read-only", errno.ENOSPC: "is full", errno.EACCES: "permission denied"}
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """An exported tiny run (unconditional, 100 training timesteps)."""
-    out = tmp_path / "run"
-    cfg = tiny_config(out, "train.max_steps=1")
-    export_model(random_model(cfg), cfg, out / "model")
-    save_config(cfg, out / "config.yaml")
-    return out
 
 
 @pytest.fixture
