@@ -179,3 +179,16 @@ def test_offset_noise_adds_a_constant_per_sample_and_channel_drawn_last(tmp_path
     assert torch.equal(plain.timesteps, offset.timesteps) and torch.equal(plain.flip, offset.flip)
     shift = offset.noise - plain.noise
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift)) and shift.abs().max() > 0
+
+
+def test_offset_noise_loss_is_finite_at_the_last_step_and_trains_on_the_offset(tmp_path):
+    """The loss with offset noise: its target (epsilon) carries the offset, finite up to t = T - 1."""
+    from gn_diffusion.diffusion import draw_step, objective, seeded_generator
+
+    cfg = tiny_config(tmp_path, "diffusion.offset_noise=0.5")
+    images = torch.zeros(2, 1, 8, 8)
+    draws = draw_step(images, cfg.diffusion.num_train_timesteps, 0.0, seeded_generator(3), cfg.diffusion.offset_noise)
+    draws = dataclasses.replace(draws, timesteps=torch.full((2,), cfg.diffusion.num_train_timesteps - 1))
+    zero = Predicts(torch.zeros(1, 1, 1, 1))
+    loss = objective(zero, images, torch.zeros(2, dtype=torch.long), draws, cfg)
+    assert torch.isfinite(loss) and torch.isclose(loss, draws.noise.square().mean())  # the target is the offset noise
