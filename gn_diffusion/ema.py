@@ -17,8 +17,13 @@ from torch import nn
 
 
 def lerp_by_tensor(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: torch.Tensor) -> None:
-    """starts += weight * (ends - starts) for a 0-dim device tensor `weight`, in three foreach
-    calls (torch's _foreach_lerp_ reads a tensor weight back to the host: a sync)."""
+    """starts += weight * (ends - starts) for a 0-dim device tensor `weight`, without a host sync
+    (_foreach_lerp_ with one tensor weight reads it back to the host). On the CPU a list of that
+    weight is the fast form; on a GPU it would fall back to one launch per tensor, so there it is
+    three fused foreach calls."""
+    if weight.device.type == "cpu":
+        torch._foreach_lerp_(starts, ends, [weight] * len(starts))
+        return
     steps = torch._foreach_sub(ends, starts)
     torch._foreach_mul_(steps, weight)
     torch._foreach_add_(starts, steps)
