@@ -133,9 +133,9 @@ def test_cuda_steps_never_sync(tmp_path):
     session = session_of(tmp_path, "runtime.backend=auto")
     session.step(session.data, 0)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any sync inside a step raises
     try:
-        for step in range(1, 4):
-            session.step(session.data, step)
+        losses = [loss for step in range(1, 4) for loss in session.step(session.data, step)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert len(losses) == 3 and bool(torch.isfinite(torch.stack(losses)).all())
