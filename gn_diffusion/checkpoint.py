@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .layout import CHECKPOINT_MODEL_FILE, EMA_FILE, STATE_FILE, RunLayout, checkpoint_step
-from .model_io import check_weights_fit, replace_dir
+from .files import swap_folder
+from .model_io import check_weights_fit
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -126,7 +127,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
                                                    "execution": execution}))
-        replace_dir(tmp, final)
+        swap_folder(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -15,8 +15,6 @@ top. Both load here; the pipeline layout also loads with DiffusionPipeline.from_
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from torch import nn
@@ -76,16 +74,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     check_weights_fit(model, path)
     model.load_state_dict(load_file(path, device="cpu"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; the old one is removed only after the move."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_weights(folder: Path) -> Path | None:

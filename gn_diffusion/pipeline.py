@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .config import Config, save_config
 from .diffusion import make_scheduler
 from .layout import CONFIG_FILE
-from .model_io import replace_dir
+from .files import swap_folder
 from .sampling import denoise, load_model
 from .unet import GNUNet
 
@@ -117,5 +117,5 @@ def export_model(model, cfg: Config, folder: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
     save_config(cfg, tmp / CONFIG_FILE)
-    replace_dir(tmp, folder)
+    swap_folder(tmp, folder)
     return folder
