@@ -1,5 +1,5 @@
-"""The normalization ablation's settings and its cells: training seeds x norm kinds x per-device
-batch sizes.
+"""The normalization ablation's settings and its cells: training seeds x norm kinds (with group
+norm's grouping, where the grid varies it) x per-device batch sizes.
 
 Every cell trains on the same number of images; learning-rate warm-up and the EMA half-life are
 kept the same in images, so the cells of one seed differ only in the norm, the batch size and
@@ -20,11 +20,12 @@ from .config import (
     Config, EvalConfig, apply_overrides, build_typed, config_from_dict, move_old_keys, positive, read_yaml, setting,
 )
 from .errors import ConfigError
-from .norms import check_norm_name
+from .norms import check_norm_name, norm_uses_groups
 from .unet import check_model_config
 
 LrScaling = Literal["none", "sqrt", "linear"]
 LR_EXPONENT: dict[str, float] = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+CELL_AXES = ("norms", "groups", "channels_per_group", "batch_sizes", "seeds")  # what cells' folders name
 OLD_THREADS_KEY, THREADS_KEY = "threads", "base.runtime.cpu_threads"
 
 
@@ -36,6 +37,10 @@ class GridConfig:
     reference_batch_size: int = positive(32)  # base.train's lr, warm-up and EMA decay are meant at this batch
     lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / reference)^p, p = 0, 1/2 or 1
     seeds: Optional[list[int]] = None  # training seeds; None: base.train.seed alone
+    # Group norm's grouping as an axis (the paper's Table 3): one group-norm row per entry of
+    # either list; None for both: base.model's grouping. Norms without groups get one row.
+    groups: Optional[list[int]] = None  # each a cell's model.groups
+    channels_per_group: Optional[list[int]] = None  # each a cell's model.channels_per_group
 
 
 @dataclass
@@ -53,10 +58,25 @@ class Cell:
     norm: str
     batch_size: int  # per device
     seed: int  # the training seed
+    groups: Optional[int] = None  # model.groups of this cell; None (and no channels_per_group): base.model's
+    channels_per_group: Optional[int] = None  # model.channels_per_group of this cell
 
     @property
     def name(self) -> str:
-        return f"{self.norm}-b{self.batch_size}-s{self.seed}"
+        return f"{self.norm}{self._grouping_tag}-b{self.batch_size}-s{self.seed}"
+
+    @property
+    def _grouping_tag(self) -> str:
+        if self.groups is not None:
+            return f"-g{self.groups}"
+        return "" if self.channels_per_group is None else f"-c{self.channels_per_group}"
+
+    @property
+    def row(self) -> str:
+        """The table row of the cell: its norm, with the grouping where the grid varies it."""
+        if self.groups is not None:
+            return f"{self.norm} G={self.groups}"
+        return self.norm if self.channels_per_group is None else f"{self.norm} {self.channels_per_group} ch/group"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +135,25 @@ def check_grid(g: GridConfig) -> None:
         raise ConfigError("'grid.batch_sizes' must be a non-empty list of positive integers, got [].")
     if g.seeds is not None and not g.seeds:
         raise ConfigError("'grid.seeds' must list at least one training seed, or be null for base.train.seed alone.")
-    for key, values in (("norms", g.norms), ("batch_sizes", g.batch_sizes), ("seeds", g.seeds or [])):
+    lists = {"norms": g.norms, "batch_sizes": g.batch_sizes, "seeds": g.seeds or [],
+             "groups": g.groups or [], "channels_per_group": g.channels_per_group or []}
+    for key, values in lists.items():
         if len(set(values)) != len(values):
             raise ConfigError(f"'grid.{key}' lists a value twice: {values}.")
+    _check_grouping_axis(g)
+
+
+def _check_grouping_axis(g: GridConfig) -> None:
+    for key in ("groups", "channels_per_group"):
+        values = getattr(g, key)
+        if values is None:
+            continue
+        if not values or any(v < 1 for v in values):
+            raise ConfigError(f"'grid.{key}' must list positive integers, or be null; got {values}.")
+        if not any(norm_uses_groups(norm) for norm in g.norms):
+            raise ConfigError(f"'grid.{key}' varies group norm's grouping, but no norm in grid.norms {g.norms} "
+                              "uses groups; add group to grid.norms, or set "
+                              f"grid.{key}=null.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +166,23 @@ def grid_seeds(ab: AblationConfig) -> list[int]:
 
 def grid_cells(ab: AblationConfig) -> list[Cell]:
     """Every cell, seed by seed (so a whole grid is finished before the next seed starts), then
-    norm by norm, each norm's batch sizes in the order given."""
+    norm by norm (a grouped norm grouping by grouping), each row's batch sizes in the order given."""
     g = ab.grid
-    return [Cell(norm, batch_size, seed) for seed in grid_seeds(ab) for norm in g.norms for batch_size in g.batch_sizes]
+    return [Cell(norm, batch_size, seed, groups, per_group)
+            for seed in grid_seeds(ab) for norm in g.norms for groups, per_group in groupings(g, norm)
+            for batch_size in g.batch_sizes]
+
+
+def groupings(g: GridConfig, norm: str) -> list[tuple[Optional[int], Optional[int]]]:
+    """The (groups, channels_per_group) of `norm`'s rows: the grid's where it varies them."""
+    if not norm_uses_groups(norm) or (g.groups is None and g.channels_per_group is None):
+        return [(None, None)]
+    return [(n, None) for n in g.groups or []] + [(None, c) for c in g.channels_per_group or []]
+
+
+def grid_rows(ab: AblationConfig) -> list[str]:
+    """The tables' rows, in grid order."""
+    return list(dict.fromkeys(cell.row for cell in grid_cells(ab)))
 
 
 def cell_output_dir(ab: AblationConfig, cell: Cell) -> Path:
@@ -160,6 +210,8 @@ def cell_config(ab: AblationConfig, cell: Cell, processes: int) -> Config:
         resume="auto",  # a cell killed mid-training continues from its last checkpoint
     )
     model = dataclasses.replace(ab.base.model, norm=cell.norm)
+    if cell.groups is not None or cell.channels_per_group is not None:
+        model = dataclasses.replace(model, groups=cell.groups, channels_per_group=cell.channels_per_group)
     return _checked(dataclasses.replace(ab.base, model=model, train=train, eval=ab.eval), cell)
 
 
@@ -174,8 +226,8 @@ def _checked(cfg: Config, cell: Cell) -> Config:
 
 
 def sweep_identity(ab: AblationConfig) -> dict[str, Any]:
-    """The settings finished cells depend on: all but the list of cells (norms, batch sizes and
-    seeds: a cell's folder names all three), the folder, and how the sweep runs here
+    """The settings finished cells depend on: all but the list of cells (norms, groupings, batch
+    sizes and seeds: a cell's folder names them all), the folder, and how the sweep runs here
     (base.runtime, quiet_training); base.eval gives way to the top-level eval."""
     raw = asdict(ab)
     for key in ("output_dir", "quiet_training"):
@@ -183,5 +235,5 @@ def sweep_identity(ab: AblationConfig) -> dict[str, Any]:
     for key in ("runtime", "eval"):
         raw["base"].pop(key)
     raw["base"]["train"].pop("seed")
-    raw["grid"] = {k: v for k, v in raw["grid"].items() if k not in ("norms", "batch_sizes", "seeds")}
+    raw["grid"] = {k: v for k, v in raw["grid"].items() if k not in CELL_AXES}
     return raw

@@ -56,10 +56,12 @@ class CellResult:
     eval_seconds: float = 0.0
     seed: int = 0  # the training seed (results written before seeds were an axis: seed 0)
     commit: str = ""  # the git commit of the code that made it ("-dirty": with uncommitted changes)
+    groups: Optional[int] = None  # the cell's grouping, where the grid varies it (see ablation_grid.Cell)
+    channels_per_group: Optional[int] = None
 
     @property
     def cell(self) -> Cell:
-        return Cell(self.norm, self.batch_size, self.seed)
+        return Cell(self.norm, self.batch_size, self.seed, self.groups, self.channels_per_group)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -79,7 +81,7 @@ def _parse(text: str, kind: Any) -> Any:
         return text
     if text == "":
         return None
-    return int(text) if kind is int else float(text)
+    return int(text) if kind in (int, Optional[int]) else float(text)
 
 
 # ---------------------------------------------------------------------------------------------

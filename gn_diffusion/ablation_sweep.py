@@ -5,6 +5,8 @@ statistics, as at sampling time) by a held-out denoising loss on fixed (image, t
 and by the offline sample metric. A finished cell leaves `cells/<norm>-b<batch>-s<seed>/result.json`
 (written atomically, with the git commit of the code that made it), so an interrupted sweep
 resumes at the first unfinished cell; the report is rebuilt from all finished cells after each one.
+Several sweep processes can run on one folder side by side: each cell is trained by the one that
+claims it first.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import math
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import yaml
@@ -137,21 +140,76 @@ def _run_cells(sweep: Sweep, state, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     cells = grid_cells(sweep.ab)
-    todo = [c for c in cells if not result_path(sweep.out, c).is_file()]  # decided once, alike on every rank
+    elsewhere = []
     bar = tqdm(cells, desc="ablation", unit="cell", disable=not (progress and state.is_main_process))
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        if cell not in todo:
-            bar.write(f"{cell.name}: finished earlier, kept")
-            continue
-        result = train_and_score(sweep, cell, state.num_processes, progress)
-        if state.is_main_process:
-            write_text_atomic(result_path(sweep.out, cell), result.to_json())
-            write_summary(sweep)
-            bar.write(_progress_line(cell, result, sweep.floor))
+        with cell_claim(sweep.out, cell, state) as decision:
+            if decision == KEPT:
+                bar.write(f"{cell.name}: finished earlier, kept")
+            elif decision == ELSEWHERE:
+                bar.write(f"{cell.name}: another sweep process is training it, left to that one")
+                elsewhere.append(cell.name)
+            else:
+                result = train_and_score(sweep, cell, state.num_processes, progress)
+                if state.is_main_process:
+                    write_text_atomic(result_path(sweep.out, cell), result.to_json())
+                    write_summary(sweep)
+                    bar.write(_progress_line(cell, result, sweep.floor))
         state.wait_for_everyone()
     if state.is_main_process:
         write_summary(sweep)
+        if elsewhere:
+            print(f"{len(elsewhere)} cells were left to another sweep process on {sweep.out}: the report "
+                  "includes them once that one finishes.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Side by side: several sweep processes on one folder share its cells
+
+
+KEPT, ELSEWHERE, TRAIN = "kept", "elsewhere", "train"
+CLAIMS_DIR = "claims"
+
+
+@contextmanager
+def cell_claim(out: Path, cell: Cell, state) -> Iterator[str]:
+    """Whether this sweep trains `cell` (TRAIN), finds it finished (KEPT), or leaves it to another
+    sweep process on the same folder (ELSEWHERE); a trained cell's lock is held until its result is
+    written. The lock is an OS file lock, so a killed sweep leaves no stale claim behind. The main
+    process decides, and every rank of a multi-process sweep follows it."""
+    with _locked(out / CLAIMS_DIR / f"{cell.name}.lock", wait=False, take=state.is_main_process) as held:
+        decision = (KEPT if result_path(out, cell).is_file() else TRAIN if held else ELSEWHERE)
+        yield _agreed(decision, state)
+
+
+@contextmanager
+def _locked(path: Path, *, wait: bool, take: bool = True) -> Iterator[bool]:
+    """An exclusive lock on `path` (created if need be), held for the block: whether it is held."""
+    if not take:
+        yield False
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _agreed(decision: str, state) -> str:
+    if state.num_processes == 1:
+        return decision
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([decision if state.is_main_process else None], from_process=0)[0]
 
 
 def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) -> CellResult:
@@ -163,7 +221,8 @@ def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) ->
     trained = time.perf_counter()
     result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_samples)
     return dataclasses.replace(result, train_seconds=round(trained - started, 1),
-                               eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit)
+                               eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit,
+                               groups=cell.groups, channels_per_group=cell.channels_per_group)
 
 
 def _progress_line(cell: Cell, r: CellResult, floor: Scores) -> str:
@@ -209,7 +268,9 @@ def finished_results(out: Path, ab: AblationConfig) -> list[CellResult]:
 
 
 def write_summary(sweep: Sweep) -> None:
-    write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.command)
+    """The report of every finished cell; one process at a time, so the last written is the fullest."""
+    with _locked(sweep.out / CLAIMS_DIR / "report.lock", wait=True):
+        write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.command)
 
 
 def claim_folder(out: Path, ab: AblationConfig) -> None:
@@ -218,7 +279,8 @@ def claim_folder(out: Path, ab: AblationConfig) -> None:
     if saved.is_file() and _saved_identity(saved) != sweep_identity(ab):
         raise UserError(
             f"{out} holds a sweep run with other settings (see {saved}); use a new output_dir, "
-            "or the same settings to resume it (only grid.norms, grid.batch_sizes and grid.seeds may change)."
+            "or the same settings to resume it (only the lists of cells may change: grid.norms, grid.groups, "
+            "grid.channels_per_group, grid.batch_sizes and grid.seeds)."
         )
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, yaml.safe_dump(asdict(ab), sort_keys=False))
