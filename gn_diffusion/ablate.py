@@ -1,16 +1,17 @@
-"""Run the normalization ablation: training seeds x norm kinds x per-device batch sizes, the same
-images seen in every cell.
+"""Run the normalization ablation: training seeds x norm kinds (group norm's grouping too, where
+grid.groups or grid.channels_per_group lists it) x per-device batch sizes, the same images seen in
+every cell.
 
 usage: python -m gn_diffusion.ablate CONFIG.yaml [key=value ...] [--report-only [FOLDER]]
 
 CONFIG.yaml (e.g. configs/ablation_norms.yaml) has the sections output_dir, base (a training
 config: model, diffusion, data, train, sample; base.runtime says how the cells run here, e.g.
-base.runtime.cpu_threads=1), grid (norms, batch_sizes, seeds, images_seen,
-reference_batch_size, lr_scaling), eval (num_samples, ...: every cell's evaluation) and
+base.runtime.cpu_threads=1), grid (norms, groups, channels_per_group, batch_sizes, seeds,
+images_seen, reference_batch_size, lr_scaling), eval (num_samples, ...: every cell's evaluation) and
 loss_triples; overrides such as grid.batch_sizes=[2,32] or output_dir=runs/mine change them.
 The run folder gets results.csv (every cell, with the git commit that made it), results.md,
 summary.csv (mean and std over seeds) and results.png; run the same command again to resume an
-interrupted sweep.
+interrupted sweep, or in a second terminal to train two cells side by side.
 
 --report-only rebuilds results.md, summary.csv and results.png from FOLDER/results.csv
 (default: output_dir) without training anything, e.g. the committed tables:

@@ -175,9 +175,13 @@ def grid_cells(ab: AblationConfig) -> list[Cell]:
 
 def groupings(g: GridConfig, norm: str) -> list[tuple[Optional[int], Optional[int]]]:
     """The (groups, channels_per_group) of `norm`'s rows: the grid's where it varies them."""
-    if not norm_uses_groups(norm) or (g.groups is None and g.channels_per_group is None):
+    if not norm_uses_groups(norm) or not varies_grouping(g):
         return [(None, None)]
     return [(n, None) for n in g.groups or []] + [(None, c) for c in g.channels_per_group or []]
+
+
+def varies_grouping(g: GridConfig) -> bool:
+    return g.groups is not None or g.channels_per_group is not None
 
 
 def grid_rows(ab: AblationConfig) -> list[str]:

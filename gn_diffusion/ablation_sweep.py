@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from .ablation_grid import AblationConfig, Cell, ablation_from_dict, cell_config, grid_cells, sweep_identity, validate_ablation
-from .ablation_report import CellResult, write_report
+from .ablation_report import write_report
+from .ablation_results import CellResult
 from .config import Config
 from .data import digits_arrays
 from .errors import ConfigError, UserError

@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 import torch  # noqa: E402  (after the variable, so OpenMP reads it)
 
 from gn_diffusion.cli import run_cli  # noqa: E402
@@ -106,3 +107,27 @@ def run_dir(tmp_path):
     export_model(random_model(cfg), cfg, out / "model")
     save_config(cfg, out / "config.yaml")
     return out
+
+
+# The ablation's tiny sweep: two norms x two batch sizes on a U-Net of 8 channels.
+TINY_SWEEP = {
+    "base": {
+        "model": {"image_size": 8, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+                  "attention_resolutions": [], "groups": 4},
+        "train": {"lr": 1e-3, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 1000, "sample_every": 1000},
+        "sample": {"num_inference_steps": 2, "num_images": 4},
+        "runtime": {"cpu_threads": 1},
+    },
+    "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "reference_batch_size": 4},
+    "eval": {"num_samples": 20, "kid_subsets": 5},
+    "loss_triples": 32,
+}
+
+
+@pytest.fixture
+def tiny_sweep_config(tmp_path, tmp_path_factory):
+    raw = {**TINY_SWEEP, "output_dir": str(tmp_path / "sweep")}
+    raw["eval"] = {**TINY_SWEEP["eval"], "cache_dir": str(tmp_path_factory.getbasetemp() / "classifier-cache")}
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -13,34 +13,12 @@ import pytest
 import yaml
 
 import gn_diffusion.training
+from conftest import TINY_SWEEP
 from gn_diffusion.ablation_grid import Cell, cell_config, load_ablation_config
-from gn_diffusion.ablation_report import read_results_csv, results_csv
+from gn_diffusion.ablation_results import read_results_csv, results_csv
 from gn_diffusion.ablation_sweep import code_commit, result_path, run_ablation
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import ConfigError, UserError
-
-TINY = {
-    "base": {
-        "model": {"image_size": 8, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
-                  "attention_resolutions": [], "groups": 4},
-        "train": {"lr": 1e-3, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 1000, "sample_every": 1000},
-        "sample": {"num_inference_steps": 2, "num_images": 4},
-        "runtime": {"cpu_threads": 1},
-    },
-    "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "reference_batch_size": 4},
-    "eval": {"num_samples": 20, "kid_subsets": 5},
-    "loss_triples": 32,
-}
-
-
-@pytest.fixture
-def tiny_sweep_config(tmp_path, tmp_path_factory):
-    raw = {**TINY, "output_dir": str(tmp_path / "sweep")}
-    raw["eval"] = {**TINY["eval"], "cache_dir": str(tmp_path_factory.getbasetemp() / "classifier-cache")}
-    path = tmp_path / "ablation.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
 
 def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_sweep_config):
     ab = load_ablation_config(tiny_sweep_config, ["grid.batch_sizes=[2,8]", "grid.images_seen=64", "grid.lr_scaling=sqrt",
@@ -76,7 +54,7 @@ def test_cell_model_shapes_are_checked_with_the_cell_named(tiny_sweep_config):
 
 
 def test_the_old_threads_key_is_read_as_base_runtime_cpu_threads(tmp_path, capsys):
-    old = {**TINY, "base": {k: v for k, v in TINY["base"].items() if k != "runtime"}, "threads": 2}
+    old = {**TINY_SWEEP, "base": {k: v for k, v in TINY_SWEEP["base"].items() if k != "runtime"}, "threads": 2}
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(old))
     assert load_ablation_config(path).base.runtime.cpu_threads == 2

@@ -1,0 +1,150 @@
+"""The ablation's results: one `CellResult` per finished cell, read and written as csv, its
+statistics over seeds, and the paper's numbers the group-count tables stand beside."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .ablation_grid import Cell
+
+NAN = math.nan
+
+
+@dataclass
+class CellResult:
+    """One cell's training settings and scores (NaN sample scores: the cell diverged)."""
+
+    norm: str
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    ema_decay: float
+    heldout_loss: float
+    frechet: float = NAN
+    frechet_floor: float = NAN
+    frechet_ratio: float = NAN
+    kid: float = NAN
+    kid_floor: float = NAN
+    coverage: Optional[float] = NAN
+    kl_uniform: Optional[float] = NAN
+    accuracy: Optional[float] = NAN  # class-conditional models only
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    seed: int = 0  # the training seed (results written before seeds were an axis: seed 0)
+    commit: str = ""  # the git commit of the code that made it ("-dirty": with uncommitted changes)
+    groups: Optional[int] = None  # the cell's grouping, where the grid varies it (see ablation_grid.Cell)
+    channels_per_group: Optional[int] = None
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.norm, self.batch_size, self.seed, self.groups, self.channels_per_group)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CellResult":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_csv_row(cls, row: dict[str, str]) -> "CellResult":
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _parse(row[f.name], hints[f.name]) for f in dataclasses.fields(cls) if f.name in row})
+
+
+def _parse(text: str, kind: Any) -> Any:
+    if kind is str:
+        return text
+    if text == "":
+        return None
+    return int(text) if kind in (int, Optional[int]) else float(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# csv
+
+
+def results_csv(rows: list[CellResult]) -> str:
+    return csv_text([f.name for f in dataclasses.fields(CellResult)], [dataclasses.asdict(r) for r in rows])
+
+
+def read_results_csv(path: Path) -> list[CellResult]:
+    with open(path, newline="") as f:
+        return [CellResult.from_csv_row(row) for row in csv.DictReader(f)]
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics over seeds
+
+
+@dataclass
+class SeedStats:
+    """One score of one (row, batch size): a value per finished seed (NaN: diverged)."""
+
+    values: list[Optional[float]]
+
+    @property
+    def finite(self) -> list[float]:
+        return [v for v in self.values if v is not None and math.isfinite(v)]
+
+    @property
+    def diverged(self) -> int:
+        return sum(v is not None and math.isnan(v) for v in self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.finite)) if self.finite else NAN
+
+    @property
+    def std(self) -> Optional[float]:
+        """The sample standard deviation; None with fewer than two finite values."""
+        return float(np.std(self.finite, ddof=1)) if len(self.finite) > 1 else None
+
+
+def seed_stats(rows: list[CellResult], key: str) -> dict[tuple[str, int], SeedStats]:
+    """Per (table row, batch size): the score of every finished seed."""
+    stats: dict[tuple[str, int], SeedStats] = {}
+    for r in rows:
+        stats.setdefault((r.cell.row, r.batch_size), SeedStats([])).values.append(getattr(r, key))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper
+
+
+# The paper's Table 3 (ResNet-50 on ImageNet, 32 images per GPU), as FIELD_NOTES gives it: single
+# values where it names them, the range it gives for G = 2-16, nothing where it is silent.
+PAPER_COLUMN = "paper: ImageNet top-1 error (%)"
+PAPER_TOP1_ERROR: dict[tuple[str, int], str] = {
+    ("groups", 1): "25.3", ("groups", 2): "24.4-24.7", ("groups", 4): "24.4-24.7", ("groups", 8): "24.4-24.7",
+    ("groups", 16): "24.4-24.7", ("groups", 32): "24.1", ("groups", 64): "24.6",
+    ("channels_per_group", 16): "24.2", ("channels_per_group", 1): "28.4",
+}
+
+
+def paper_error(cell: Cell) -> Optional[str]:
+    """The paper's ImageNet error for the cell's grouping, where it is known."""
+    if cell.norm != "group":
+        return None
+    key = ("groups", cell.groups) if cell.groups is not None else ("channels_per_group", cell.channels_per_group)
+    return PAPER_TOP1_ERROR.get(key)
