@@ -15,7 +15,7 @@ interrupted sweep, or in a second terminal to train two cells side by side.
 
 --report-only rebuilds results.md, summary.csv and results.png from FOLDER/results.csv
 (default: output_dir) without training anything, e.g. the committed tables:
-  python -m gn_diffusion.ablate configs/ablation_norms.yaml --report-only docs/ablation
+  python -m gn_diffusion.ablate configs/ablation_norms.yaml --report-only docs/ablation/norms
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ class CellResult:
     commit: str = ""  # the git commit of the code that made it ("-dirty": with uncommitted changes)
     groups: Optional[int] = None  # the cell's grouping, where the grid varies it (see ablation_grid.Cell)
     channels_per_group: Optional[int] = None
+    processes: int = 1  # training processes (batch norm's statistics: per process; sync_batch's: over all)
 
     @property
     def cell(self) -> Cell:

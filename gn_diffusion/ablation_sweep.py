@@ -223,7 +223,7 @@ def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) ->
     result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_samples)
     return dataclasses.replace(result, train_seconds=round(trained - started, 1),
                                eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit,
-                               groups=cell.groups, channels_per_group=cell.channels_per_group)
+                               groups=cell.groups, channels_per_group=cell.channels_per_group, processes=processes)
 
 
 def _progress_line(cell: Cell, r: CellResult, floor: Scores) -> str:

@@ -151,22 +151,36 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "ablation"
 
 
-def test_report_only_rebuilds_the_committed_tables_byte_for_byte(tmp_path, monkeypatch):
+# Every committed table: the folder, and the ablate arguments that made it.
+COMMITTED = {
+    "norms": ["configs/ablation_norms.yaml"],
+    "groups": ["configs/ablation_groups.yaml"],
+    "syncbn": ["configs/ablation_norms.yaml", "grid.norms=[sync_batch,batch,group]", "grid.batch_sizes=[2,4]",
+               "grid.seeds=[0]"],
+}
+
+
+@pytest.mark.parametrize("folder", sorted(COMMITTED))
+def test_report_only_rebuilds_the_committed_tables_byte_for_byte(tmp_path, monkeypatch, folder):
     from gn_diffusion.ablate import main
 
-    shutil.copy(DOCS / "results.csv", tmp_path / "results.csv")
+    shutil.copy(DOCS / folder / "results.csv", tmp_path / "results.csv")
     monkeypatch.chdir(ROOT)  # the command quoted in results.md names the config as the docs do
-    run_cli(main, ["configs/ablation_norms.yaml", "--report-only", str(tmp_path)])
+    run_cli(main, [*COMMITTED[folder], "--report-only", str(tmp_path)])
     for name in ("results.md", "summary.csv"):
-        assert (tmp_path / name).read_bytes() == (DOCS / name).read_bytes(), name
-    # The discussion's tables are the generated ones.
-    readme, table = (DOCS / "README.md").read_text(), (tmp_path / "results.md").read_text()
-    quoted = re.findall(r"\*\*[^\n]+\*\* \(mean ± std over 3 training seeds\)\n\n(?:\|[^\n]*\n)+", readme)
-    assert len(quoted) == 2 and all(block in table for block in quoted)
+        assert (tmp_path / name).read_bytes() == (DOCS / folder / name).read_bytes(), name
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_written_result_quotes_the_generated_tables():
+    readme = (DOCS / "README.md").read_text()
+    generated = "".join((DOCS / folder / "results.md").read_text() for folder in COMMITTED)
+    quoted = re.findall(r"\*\*[^\n]+\*\*[^\n]*\n\n(?:\|[^\n]*\n)+", readme)
+    assert len(quoted) >= 3 and all(block in generated for block in quoted)
 
 
 def test_results_written_before_seeds_and_commits_still_read(tmp_path):
-    (row,) = read_results_csv(DOCS / "results.csv")[:1]
+    (row,) = read_results_csv(DOCS / "norms" / "results.csv")[:1]
     old_columns = [c for c in results_csv([row]).splitlines()[0].split(",") if c not in ("seed", "commit")]
     lines = results_csv([row]).splitlines()
     values = dict(zip(lines[0].split(","), lines[1].split(",")))
