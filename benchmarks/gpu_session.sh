@@ -7,6 +7,7 @@
 # Before the call, on the development machine (the device image has no diffusers):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+# (diffusers' own needs, huggingface_hub, safetensors and regex, are in the image: check KINDS.md)
 # then run `bash benchmarks/gpu_session.sh` on the device with carry [".whl"], and copy the
 # files back under benchmarks/results/ (their names carry the GPU's name).
 set -uo pipefail
@@ -24,7 +25,7 @@ step() {
     local name=$1 limit=$2 started=$SECONDS rc
     shift 2
     echo "== $name: $*" >> "$LOG"
-    timeout "$limit" "$@" >> "$LOG" 2>&1
+    timeout -k 5 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
     printf '%-11s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - started))" | tee -a "$OUT/summary.txt"
 }
@@ -34,7 +35,7 @@ step() {
 step tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_step_pace.py
 step norm_host 40 python3 benchmarks/bench_norm_host.py --device cuda --out "$OUT"
 step group_norm 100 python3 benchmarks/bench_group_norm.py --dtypes bf16 --seconds 0.2 --out "$OUT"
-step train_step 200 python3 benchmarks/bench_train_step.py --batches 8 32 128 --compiles none reduce-overhead \
+step train_step 180 python3 benchmarks/bench_train_step.py --batches 8 32 128 --compiles none reduce-overhead \
     --backends triton --channels-last on --compile-skip ours-cifar10 diffusers --loop-reps 20 --out "$OUT"
 step train 80 python3 train.py configs/digits.yaml train.max_steps=600 train.sample_every=600 \
     train.checkpoint_every=600 train.output_dir=/tmp/gpu-digits runtime.cpu_threads=0

@@ -23,6 +23,7 @@ from .ablation_results import (
 )
 from .errors import UserError
 from .files import write_text_atomic
+
 RESULTS_CSV, RESULTS_MD, SUMMARY_CSV, RESULTS_PNG = "results.csv", "results.md", "summary.csv", "results.png"
 SUMMARY_SCORES = ("heldout_loss", "frechet", "kid", "coverage")
 
@@ -54,7 +55,8 @@ def rebuild_report(folder: Path, ab: AblationConfig, command: Optional[str] = No
     cells = set(grid_cells(ab))
     rows = [r for r in read_results_csv(path) if r.cell in cells]
     if not rows:
-        raise UserError(f"{path} holds no result of this grid's cells; check grid.norms, grid.batch_sizes and grid.seeds.")
+        raise UserError(f"{path} holds no result of this grid's cells; check grid.norms, "
+                        "grid.groups, grid.channels_per_group, grid.batch_sizes and grid.seeds.")
     write_report(folder, rows, ab, command, with_results_csv=False)
     return rows
 

@@ -2,7 +2,7 @@
 
 Each cell is scored with its exported EMA model in eval mode (batch norm uses its EMA'd running
 statistics, as at sampling time) by a held-out denoising loss on fixed (image, t, noise) triples
-and by the offline sample metric. A finished cell leaves `cells/<norm>-b<batch>-s<seed>/result.json`
+and by the offline sample metric. A finished cell leaves `cells/<Cell.name>/result.json`
 (written atomically, with the git commit of the code that made it), so an interrupted sweep
 resumes at the first unfinished cell; the report is rebuilt from all finished cells after each one.
 Several sweep processes can run on one folder side by side: each cell is trained by the one that
@@ -138,31 +138,41 @@ def code_commit() -> str:
 
 
 def _run_cells(sweep: Sweep, state, progress: bool) -> None:
+    """Every unfinished cell in grid order; then the cells another sweep process held, each once
+    that one lets it go: finished, or (if that process died) still to train."""
     from tqdm.auto import tqdm
 
-    cells = grid_cells(sweep.ab)
+    main = state.is_main_process
+    bar = tqdm(grid_cells(sweep.ab), desc="ablation", unit="cell", disable=not (progress and main))
+    say = bar.write if main else (lambda text: None)
     elsewhere = []
-    bar = tqdm(cells, desc="ablation", unit="cell", disable=not (progress and state.is_main_process))
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        with cell_claim(sweep.out, cell, state) as decision:
-            if decision == KEPT:
-                bar.write(f"{cell.name}: finished earlier, kept")
-            elif decision == ELSEWHERE:
-                bar.write(f"{cell.name}: another sweep process is training it, left to that one")
-                elsewhere.append(cell.name)
-            else:
-                result = train_and_score(sweep, cell, state.num_processes, progress)
-                if state.is_main_process:
-                    write_text_atomic(result_path(sweep.out, cell), result.to_json())
-                    write_summary(sweep)
-                    bar.write(_progress_line(cell, result, sweep.floor))
-        state.wait_for_everyone()
-    if state.is_main_process:
+        if _run_cell(sweep, cell, state, progress, say, wait=False) == ELSEWHERE:
+            elsewhere.append(cell)
+    if elsewhere:
+        say(f"waiting for another sweep process on {sweep.out} to finish {len(elsewhere)} cell(s)")
+    for cell in elsewhere:
+        _run_cell(sweep, cell, state, progress, say, wait=True)
+    if main:
         write_summary(sweep)
-        if elsewhere:
-            print(f"{len(elsewhere)} cells were left to another sweep process on {sweep.out}: the report "
-                  "includes them once that one finishes.")
+
+
+def _run_cell(sweep: Sweep, cell: Cell, state, progress: bool, say, *, wait: bool) -> str:
+    """Train and score `cell` unless it is finished, or (without `wait`) another process holds it."""
+    with cell_claim(sweep.out, cell, state, wait=wait) as decision:
+        if decision == KEPT:
+            say(f"{cell.name}: finished {'by another sweep process' if wait else 'earlier, kept'}")
+        elif decision == ELSEWHERE:
+            say(f"{cell.name}: another sweep process is training it; back to it at the end")
+        else:
+            result = train_and_score(sweep, cell, state.num_processes, progress)
+            if state.is_main_process:
+                write_text_atomic(result_path(sweep.out, cell), result.to_json())
+                write_summary(sweep)
+                say(_progress_line(cell, result, sweep.floor))
+    state.wait_for_everyone()
+    return decision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,12 +184,14 @@ CLAIMS_DIR = "claims"
 
 
 @contextmanager
-def cell_claim(out: Path, cell: Cell, state) -> Iterator[str]:
+def cell_claim(out: Path, cell: Cell, state, *, wait: bool = False) -> Iterator[str]:
     """Whether this sweep trains `cell` (TRAIN), finds it finished (KEPT), or leaves it to another
-    sweep process on the same folder (ELSEWHERE); a trained cell's lock is held until its result is
-    written. The lock is an OS file lock, so a killed sweep leaves no stale claim behind. The main
-    process decides, and every rank of a multi-process sweep follows it."""
-    with _locked(out / CLAIMS_DIR / f"{cell.name}.lock", wait=False, take=state.is_main_process) as held:
+    sweep process on the same folder (ELSEWHERE; with `wait`, it waits for that one instead); a
+    trained cell's lock is held until its result is written. The lock is an OS file lock, so a
+    killed sweep leaves no stale claim behind. The main process decides, and every rank of a
+    multi-process sweep follows it. Side-by-side sweeps should share one grid: each writes the
+    report of its own grid's cells."""
+    with _locked(out / CLAIMS_DIR / f"{cell.name}.lock", wait=wait, take=state.is_main_process) as held:
         decision = (KEPT if result_path(out, cell).is_file() else TRAIN if held else ELSEWHERE)
         yield _agreed(decision, state)
 
@@ -196,13 +208,14 @@ def _locked(path: Path, *, wait: bool, take: bool = True) -> Iterator[bool]:
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            yield False
-            return
+            held = False
         try:
-            yield True
+            yield held
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _agreed(decision: str, state) -> str:
