@@ -16,7 +16,7 @@ import math
 import os
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -31,7 +31,7 @@ from .config import Config
 from .data import digits_arrays
 from .errors import ConfigError, UserError
 from .evaluation import Evaluator, Report, evaluator_for
-from .files import write_text_atomic
+from .files import file_lock, write_text_atomic
 from .metrics import Scores
 from .threads import cpu_threads
 
@@ -191,31 +191,10 @@ def cell_claim(out: Path, cell: Cell, state, *, wait: bool = False) -> Iterator[
     killed sweep leaves no stale claim behind. The main process decides, and every rank of a
     multi-process sweep follows it. Side-by-side sweeps should share one grid: each writes the
     report of its own grid's cells."""
-    with _locked(out / CLAIMS_DIR / f"{cell.name}.lock", wait=wait, take=state.is_main_process) as held:
+    lock = file_lock(out / CLAIMS_DIR / f"{cell.name}.lock", wait=wait) if state.is_main_process else nullcontext()
+    with lock as held:
         decision = (KEPT if result_path(out, cell).is_file() else TRAIN if held else ELSEWHERE)
         yield _agreed(decision, state)
-
-
-@contextmanager
-def _locked(path: Path, *, wait: bool, take: bool = True) -> Iterator[bool]:
-    """An exclusive lock on `path` (created if need be), held for the block: whether it is held."""
-    if not take:
-        yield False
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            held = False
-        try:
-            yield held
-        finally:
-            if held:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _agreed(decision: str, state) -> str:
@@ -283,7 +262,7 @@ def finished_results(out: Path, ab: AblationConfig) -> list[CellResult]:
 
 def write_summary(sweep: Sweep) -> None:
     """The report of every finished cell; one process at a time, so the last written is the fullest."""
-    with _locked(sweep.out / CLAIMS_DIR / "report.lock", wait=True):
+    with file_lock(sweep.out / CLAIMS_DIR / "report.lock"):
         write_report(sweep.out, finished_results(sweep.out, sweep.ab), sweep.ab, sweep.command)
 
 

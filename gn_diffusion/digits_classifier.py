@@ -7,19 +7,21 @@ instead: it trains in seconds on a CPU and is cached under a hash of everything 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import DIGITS_CLASSES, digits_arrays
-from .files import atomic_path
+from .files import atomic_path, file_lock
 from .threads import cpu_threads
 
 CACHE_ENV = "GN_DIFFUSION_CACHE"
@@ -101,10 +103,21 @@ def digits_classifier(image_size: int, cache: str | os.PathLike | None = None,
     train_x, train_y = digits_arrays("train", image_size)
     net = DigitsCNN()
     path = cache_dir(cache) / f"digits_cnn-{image_size}px-{_content_hash(net, recipe, train_x, train_y)}.safetensors"
-    if not _load_cached(net, path):
-        train_classifier(net, train_x, train_y, recipe)
-        _save_cached(net, path)
+    with _training_lock(path):  # processes side by side train it once
+        if not _load_cached(net, path):
+            train_classifier(net, train_x, train_y, recipe)
+            _save_cached(net, path)
     return DigitsClassifier(net, train_x, digits_arrays("test", image_size))
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path.with_name(path.name + ".lock")))
+        except OSError:
+            pass  # a read-only cache folder takes no lock; a cached file is still read
+        yield
 
 
 def _load_cached(net: nn.Module, path: Path) -> bool:

@@ -130,3 +130,25 @@ def restore_swapped(final: Path) -> None:
 
 def _aside(final: Path) -> Path:
     return final.with_name(f".old-{final.name}")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive OS lock on `path` (created, with its folder, if need be) for the block;
+    whether it is held (without `wait`, False if another process holds it). The lock goes with
+    the process that holds it, so a killed process leaves none behind."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -124,10 +124,17 @@ TINY_SWEEP = {
 }
 
 
+def shared_classifier_cache(tmp_path_factory) -> Path:
+    """One digits-classifier cache for every test process of the session (pytest-xdist's workers
+    share the parent of their base folders): the classifier trains once, under its lock."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "classifier-cache"
+
+
 @pytest.fixture
 def tiny_sweep_config(tmp_path, tmp_path_factory):
     raw = {**TINY_SWEEP, "output_dir": str(tmp_path / "sweep")}
-    raw["eval"] = {**TINY_SWEEP["eval"], "cache_dir": str(tmp_path_factory.getbasetemp() / "classifier-cache")}
+    raw["eval"] = {**TINY_SWEEP["eval"], "cache_dir": str(shared_classifier_cache(tmp_path_factory))}
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

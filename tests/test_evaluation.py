@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import shared_classifier_cache
 from gn_diffusion.config import Config, EvalConfig, RuntimeConfig
 from gn_diffusion.data import digits_arrays
 from gn_diffusion.digits_classifier import ClassifierRecipe, digits_classifier
@@ -23,7 +24,7 @@ SIZE = 8  # the digits' native resolution: the fastest classifier to train
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("classifier-cache")
+    return shared_classifier_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
