@@ -101,7 +101,7 @@ def markdown_report(rows: list[CellResult], ab: AblationConfig, command: Optiona
         by_cell = {(r.cell.row, r.batch_size): r for r in rows}
         lines += _pivot("Frechet distance (lower is better)", "frechet", "{:.3f}", by_cell, ab)
         lines += _pivot("Held-out denoising loss (lower is better)", "heldout_loss", "{:.4f}", by_cell, ab)
-        lines += _pivot("Class coverage", "coverage", "{:.2f}", by_cell, ab)
+        lines += _pivot("Class coverage", "coverage", "{:.2f}", by_cell, ab, paper=False)
     else:
         lines += _mean_table("Held-out denoising loss", "heldout_loss", "{:.4f}", rows, ab)
         lines += _mean_table("Frechet distance", "frechet", "{:.2f}", rows, ab)
@@ -138,12 +138,13 @@ def _floor_line(rows: list[CellResult]) -> str:
             f"{floor.frechet_floor:.3f}, KID x 1e3 {1e3 * floor.kid_floor:.2f}.")
 
 
-def _pivot(title: str, key: str, spec: str, by_cell: dict, ab: AblationConfig) -> list[str]:
+def _pivot(title: str, key: str, spec: str, by_cell: dict, ab: AblationConfig, paper: bool = True) -> list[str]:
     """A norm x batch-size table of one seed's score; '-' where a cell has not finished."""
-    lines = [f"**{title}**", "", *_table_head(ab, spread=False)]
+    paper = paper and varies_grouping(ab.grid)
+    lines = [f"**{title}**", "", *_table_head(ab, spread=False, paper=paper)]
     for row in grid_rows(ab):
         values = [getattr(by_cell[row, b], key) if (row, b) in by_cell else None for b in ab.grid.batch_sizes]
-        lines.append(f"| {row} | " + " | ".join(_value_text(v, spec) for v in values) + _paper_text(ab, row) + " |")
+        lines.append(f"| {row} | " + " | ".join(_value_text(v, spec) for v in values) + _paper_text(ab, row, paper) + " |")
     return lines + [""]
 
 
@@ -152,23 +153,24 @@ def _mean_table(title: str, key: str, spec: str, rows: list[CellResult], ab: Abl
     """A norm x batch-size table of one score's mean ± std over seeds, with the spread of the means."""
     seeds = len(grid_seeds(ab))
     stats = seed_stats(rows, key)
-    lines = [f"**{title}** (mean ± std over {seeds} training seeds)", "", *_table_head(ab, spread)]
+    paper = spread and varies_grouping(ab.grid)  # the paper's error beside the scores, not the coverage
+    lines = [f"**{title}** (mean ± std over {seeds} training seeds)", "", *_table_head(ab, spread, paper)]
     for row in grid_rows(ab):
         cells = [stats.get((row, b)) for b in ab.grid.batch_sizes]
         texts = [_stats_text(s, spec, seeds) for s in cells] + ([_spread_text(cells)] if spread else [])
-        lines.append(f"| {row} | " + " | ".join(texts) + _paper_text(ab, row) + " |")
+        lines.append(f"| {row} | " + " | ".join(texts) + _paper_text(ab, row, paper) + " |")
     return lines + [""]
 
 
-def _table_head(ab: AblationConfig, spread: bool) -> list[str]:
-    sizes, paper = ab.grid.batch_sizes, varies_grouping(ab.grid)
+def _table_head(ab: AblationConfig, spread: bool, paper: bool) -> list[str]:
+    sizes = ab.grid.batch_sizes
     extra = (" spread of means |" if spread else "") + (f" {PAPER_COLUMN} |" if paper else "")
     return ["| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |" + extra,
             "|---|" + "---:|" * (len(sizes) + spread + paper)]
 
 
-def _paper_text(ab: AblationConfig, row: str) -> str:
-    if not varies_grouping(ab.grid):
+def _paper_text(ab: AblationConfig, row: str, paper: bool) -> str:
+    if not paper:
         return ""
     cell = next(c for c in grid_cells(ab) if c.row == row)
     return f" | {paper_error(cell) or '-'}"
