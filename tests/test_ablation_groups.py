@@ -12,7 +12,7 @@ import gn_diffusion.ablation_sweep
 
 from gn_diffusion.ablation_grid import Cell, cell_config, grid_cells, grid_rows, load_ablation_config
 from gn_diffusion.ablation_results import read_results_csv
-from gn_diffusion.ablation_sweep import CLAIMS_DIR, result_path, run_ablation
+from gn_diffusion.ablation_sweep import CLAIMS_DIR
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import ConfigError
 
@@ -47,8 +47,12 @@ def test_a_grouping_axis_needs_a_norm_with_groups(tiny_sweep_config):
         load_ablation_config(tiny_sweep_config, ["grid.norms=[batch,layer]", "grid.groups=[2]"])
 
 
-def test_a_cell_another_sweep_process_holds_is_left_to_it_and_taken_back_when_it_lets_go(tiny_sweep_config, capsys):
-    ab = load_ablation_config(tiny_sweep_config, GROUPED)
+def test_a_held_cell_is_left_then_taken_back_and_the_report_stands_beside_the_paper(tiny_sweep_config, capsys):
+    """Side by side: a cell another sweep process holds is left to it, and taken back at the end
+    when that process dies without finishing it. Then the grouping report, with the paper's
+    column, and its --report-only rebuild, byte for byte."""
+    from gn_diffusion.ablate import main
+
     out = tiny_sweep_config.parent / "sweep"
     held, free = Cell("group", 4, 0, groups=1), Cell("group", 4, 0, groups=2)
     lock = out / CLAIMS_DIR / f"{held.name}.lock"
@@ -65,27 +69,20 @@ def test_a_cell_another_sweep_process_holds_is_left_to_it_and_taken_back_when_it
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gn_diffusion.ablation_sweep, "score_cell", score_then_let_go)
-        run_ablation(ab, progress=False)
+        run_cli(main, [str(tiny_sweep_config), *GROUPED])
     assert trained == [free.name, held.name]  # the held cell left, then taken back at the end
     printed = capsys.readouterr()
     assert f"{held.name}: another sweep process is training it" in printed.out + printed.err
-    assert result_path(out, held).is_file() and result_path(out, free).is_file()
     rows = read_results_csv(out / "results.csv")
     assert [(r.groups, r.channels_per_group) for r in rows] == [(1, None), (2, None)]  # read back from csv
 
-
-def test_the_grouping_report_stands_beside_the_paper_and_rebuilds_byte_for_byte(tiny_sweep_config, capsys):
-    from gn_diffusion.ablate import main
-
-    run_cli(main, [str(tiny_sweep_config), *GROUPED])
-    out = tiny_sweep_config.parent / "sweep"
     table = (out / "results.md").read_text()
     assert "| norm | batch 4 | paper: ImageNet top-1 error (%) |" in table
-    loss = {r.groups: r.heldout_loss for r in read_results_csv(out / "results.csv")}
+    loss = {r.groups: r.heldout_loss for r in rows}
     assert f"| group G=1 | {loss[1]:.4f} | 25.3 |" in table and f"| group G=2 | {loss[2]:.4f} | 24.7 |" in table
+    assert "| norm | batch 4 |\n" in table  # the coverage table has no paper column
     with open(out / "summary.csv") as f:
         assert [r["norm"] for r in csv.DictReader(f)] == ["group G=1", "group G=2"]
-
     made = {name: (out / name).read_bytes() for name in ("results.md", "summary.csv")}
     for name in ("results.md", "summary.csv", "results.png"):
         (out / name).unlink()
