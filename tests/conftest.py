@@ -8,6 +8,7 @@ Subprocesses the tests start inherit the setting.
 import hashlib
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch  # noqa: E402  (after the variable, so OpenMP reads it)
 
 from gn_diffusion.cli import run_cli  # noqa: E402
 from gn_diffusion.config import load_config  # noqa: E402
+from gn_diffusion.files import atomic_path  # noqa: E402
 from gn_diffusion.threads import set_cpu_threads  # noqa: E402
 from gn_diffusion.unet import build_unet  # noqa: E402
 
@@ -126,9 +128,25 @@ TINY_SWEEP = {
 
 def shared_classifier_cache(tmp_path_factory) -> Path:
     """One digits-classifier cache for every test process of the session (pytest-xdist's workers
-    share the parent of their base folders): the classifier trains once, under its lock."""
+    share the parent of their base folders), seeded with the 8x8 classifier that training writes
+    (tests/data: the file `digits_classifier` itself saved; its name holds the hash of the network,
+    recipe and data, so a change to any of them misses it and trains afresh, once, under its lock).
+    Training from scratch is tested on its own (test_evaluation)."""
     base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "classifier-cache"
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "classifier-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for shipped in (TESTS / "data").glob("digits_cnn-*.safetensors"):
+        if not (cache / shipped.name).exists():
+            with atomic_path(cache / shipped.name) as tmp:  # a worker reading it sees all or nothing
+                shutil.copyfile(shipped, tmp)
+    return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache_for_every_command(tmp_path_factory):
+    """Commands the tests run without eval.cache_dir (in this process or a child) use the shared
+    cache too, not the user's ~/.cache."""
+    os.environ["GN_DIFFUSION_CACHE"] = str(shared_classifier_cache(tmp_path_factory))
 
 
 @pytest.fixture
