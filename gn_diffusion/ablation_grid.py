@@ -39,8 +39,8 @@ class GridConfig:
     seeds: Optional[list[int]] = None  # training seeds; None: base.train.seed alone
     # Group norm's grouping as an axis (the paper's Table 3): one group-norm row per entry of
     # either list; None for both: base.model's grouping. Norms without groups get one row.
-    groups: Optional[list[int]] = None  # each a cell's model.groups
-    channels_per_group: Optional[list[int]] = None  # each a cell's model.channels_per_group
+    groups: Optional[list[int]] = setting(None, low=1)  # each a cell's model.groups
+    channels_per_group: Optional[list[int]] = setting(None, low=1)  # each a cell's model.channels_per_group
 
 
 @dataclass
@@ -148,8 +148,8 @@ def _check_grouping_axis(g: GridConfig) -> None:
         values = getattr(g, key)
         if values is None:
             continue
-        if not values or any(v < 1 for v in values):
-            raise ConfigError(f"'grid.{key}' must list positive integers, or be null; got {values}.")
+        if not values:
+            raise ConfigError(f"'grid.{key}' must list positive integers, or be null; got [].")
         if not any(norm_uses_groups(norm) for norm in g.norms):
             raise ConfigError(f"'grid.{key}' varies group norm's grouping, but no norm in grid.norms {g.norms} "
                               "uses groups; add group to grid.norms, or set "
@@ -184,9 +184,17 @@ def varies_grouping(g: GridConfig) -> bool:
     return g.groups is not None or g.channels_per_group is not None
 
 
+def row_cells(ab: AblationConfig) -> dict[str, Cell]:
+    """The tables' rows, in grid order, each with its first cell (which gives its norm and grouping)."""
+    rows: dict[str, Cell] = {}
+    for cell in grid_cells(ab):
+        rows.setdefault(cell.row, cell)
+    return rows
+
+
 def grid_rows(ab: AblationConfig) -> list[str]:
     """The tables' rows, in grid order."""
-    return list(dict.fromkeys(cell.row for cell in grid_cells(ab)))
+    return list(row_cells(ab))
 
 
 def cell_output_dir(ab: AblationConfig, cell: Cell) -> Path:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .ablation_grid import AblationConfig, grid_cells, grid_rows, grid_seeds, varies_grouping
+from .ablation_grid import AblationConfig, Cell, grid_cells, grid_rows, grid_seeds, row_cells, varies_grouping
 from .ablation_results import (
     PAPER_COLUMN, CellResult, SeedStats, csv_text, paper_error, read_results_csv, results_csv, seed_stats,
 )
@@ -142,9 +142,9 @@ def _pivot(title: str, key: str, spec: str, by_cell: dict, ab: AblationConfig, p
     """A norm x batch-size table of one seed's score; '-' where a cell has not finished."""
     paper = paper and varies_grouping(ab.grid)
     lines = [f"**{title}**", "", *_table_head(ab, spread=False, paper=paper)]
-    for row in grid_rows(ab):
+    for row, cell in row_cells(ab).items():
         values = [getattr(by_cell[row, b], key) if (row, b) in by_cell else None for b in ab.grid.batch_sizes]
-        lines.append(f"| {row} | " + " | ".join(_value_text(v, spec) for v in values) + _paper_text(ab, row, paper) + " |")
+        lines.append(f"| {row} | " + " | ".join(_value_text(v, spec) for v in values) + _paper_text(cell, paper) + " |")
     return lines + [""]
 
 
@@ -155,10 +155,10 @@ def _mean_table(title: str, key: str, spec: str, rows: list[CellResult], ab: Abl
     stats = seed_stats(rows, key)
     paper = spread and varies_grouping(ab.grid)  # the paper's error beside the scores, not the coverage
     lines = [f"**{title}** (mean ± std over {seeds} training seeds)", "", *_table_head(ab, spread, paper)]
-    for row in grid_rows(ab):
+    for row, cell in row_cells(ab).items():
         cells = [stats.get((row, b)) for b in ab.grid.batch_sizes]
         texts = [_stats_text(s, spec, seeds) for s in cells] + ([_spread_text(cells)] if spread else [])
-        lines.append(f"| {row} | " + " | ".join(texts) + _paper_text(ab, row, paper) + " |")
+        lines.append(f"| {row} | " + " | ".join(texts) + _paper_text(cell, paper) + " |")
     return lines + [""]
 
 
@@ -169,11 +169,11 @@ def _table_head(ab: AblationConfig, spread: bool, paper: bool) -> list[str]:
             "|---|" + "---:|" * (len(sizes) + spread + paper)]
 
 
-def _paper_text(ab: AblationConfig, row: str, paper: bool) -> str:
+def _paper_text(cell: Cell, paper: bool) -> str:
     if not paper:
         return ""
-    cell = next(c for c in grid_cells(ab) if c.row == row)
-    return f" | {paper_error(cell) or '-'}"
+    error = paper_error(cell)
+    return " | -" if error is None else f" | {error:.1f}"
 
 
 def _value_text(value: Optional[float], spec: str) -> str:

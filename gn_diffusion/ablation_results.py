@@ -137,16 +137,16 @@ def seed_stats(rows: list[CellResult], key: str) -> dict[tuple[str, int], SeedSt
 # gives G = 1, 32 and 64, 16 and 1 channels per group, and 24.4-24.7 for G = 2-16; the rest are the
 # paper's table as we read it (two readers agreeing, not re-checked against the PDF here).
 PAPER_COLUMN = "paper: ImageNet top-1 error (%)"
-PAPER_TOP1_ERROR: dict[tuple[str, int], str] = {
-    ("groups", 1): "25.3", ("groups", 2): "24.7", ("groups", 4): "24.6", ("groups", 8): "24.4",
-    ("groups", 16): "24.6", ("groups", 32): "24.1", ("groups", 64): "24.6",
-    ("channels_per_group", 64): "24.4", ("channels_per_group", 32): "24.5", ("channels_per_group", 16): "24.2",
-    ("channels_per_group", 8): "24.3", ("channels_per_group", 4): "24.8", ("channels_per_group", 2): "25.6",
-    ("channels_per_group", 1): "28.4",
+PAPER_TOP1_ERROR: dict[tuple[str, int], float] = {
+    ("groups", 1): 25.3, ("groups", 2): 24.7, ("groups", 4): 24.6, ("groups", 8): 24.4,
+    ("groups", 16): 24.6, ("groups", 32): 24.1, ("groups", 64): 24.6,
+    ("channels_per_group", 64): 24.4, ("channels_per_group", 32): 24.5, ("channels_per_group", 16): 24.2,
+    ("channels_per_group", 8): 24.3, ("channels_per_group", 4): 24.8, ("channels_per_group", 2): 25.6,
+    ("channels_per_group", 1): 28.4,
 }
 
 
-def paper_error(cell: Cell) -> Optional[str]:
+def paper_error(cell: Cell) -> Optional[float]:
     """The paper's ImageNet error for the cell's grouping, where it is known."""
     if cell.norm != "group":
         return None
