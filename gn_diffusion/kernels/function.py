@@ -3,7 +3,8 @@
 A `torch.library` custom op costs several times more host time per call than an autograd.Function
 (schema parsing, dispatch, fake-tensor registration), which small training batches on a GPU feel
 directly; the op is only needed where torch.compile traces the norm. Both call the same kernels
-through `triton_impl`, so they give the same bits.
+through `triton_impl`, so they give the same bits. The launch plan, layout and flags the forward
+works out are kept for its backward, so a norm's host work is done once per step, not twice.
 """
 
 from __future__ import annotations
@@ -19,17 +20,25 @@ class GroupNormSiLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool):
-        y, mean, rstd = triton_impl.forward(x, weight, bias, scale, shift, num_groups, eps, silu)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
+        prepared = triton_impl.prepare(x, weight, bias, scale, shift, num_groups)
+        y, mean, rstd = triton_impl.forward_prepared(prepared, eps, silu)
+        k, x, launch, params, present, sizes = prepared
+        ctx.save_for_backward(x, *params, mean, rstd)
+        ctx.plan, ctx.silu = (k, launch, present, sizes), silu
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients have no gradient themselves
     def backward(ctx, dy):
+        # Not torch.autograd.function.once_differentiable: its wrapper costs more host time than
+        # the rest of this method. The kernels' gradients have no gradient, so refuse to build one.
+        if torch.is_grad_enabled():
+            raise RuntimeError("the Triton group_norm_silu backward is not differentiable (no double backward); "
+                               "use runtime.backend=torch for higher-order gradients")
         if dy is None:
             return (None,) * 8
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        grads = triton_impl.backward(dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu)
+        k, launch, present, sizes = ctx.plan
+        prepared = (k, x, launch, (weight, bias, scale, shift), present, sizes)
+        grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.silu)
         return (*grads, None, None, None)

@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,9 +33,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernels():
-    """The kernel module, executed under the current TRITON_INTERPRET setting (the decorator reads
-    it once), so interpreted and compiled kernels can both be used in one process."""
+def kernels(device: Optional[torch.device] = None):
+    """The kernel module for tensors on `device`: interpreted for CPU tensors (the only way they
+    run), else as TRITON_INTERPRET says (the decorator reads it once, so both modules can be
+    used in one process). With no device, as TRITON_INTERPRET says."""
+    if device is not None and device.type == "cpu":
+        return _load_kernels(True)
     return _load_kernels(interpreter_enabled())
 
 
@@ -148,6 +151,26 @@ class Launch:
     tile: dict  # BLOCK_C, BLOCK_P, num_warps
     param_grid: tuple[int]
     param_tile: dict  # BLOCK_N, BLOCK_C of param_grads_kernel
+    options: dict = field(default_factory=dict, compare=False)  # see kernel_options
+
+
+def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool, ...]) -> dict:
+    """The keyword arguments of one kernel's launch (tiles, compile-time flags), built once per
+    launch, kernel, activation and set of present tensors, then reused by every call."""
+    key = (kernel, silu, present)
+    options = launch.options.get(key)
+    if options is None:
+        p = launch.plan
+        flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
+        per_kernel = {
+            "fwd_stats": launch.tile,
+            "fwd_apply": dict(BLOCK_K=_pow2(p.chunks), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
+            "bwd_dx": dict(BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "param_grads": dict(**launch.param_tile, **flags),
+        }
+        options = launch.options[key] = per_kernel[kernel]
+    return options
 
 
 @functools.lru_cache(maxsize=1024)
@@ -167,48 +190,48 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
     )
 
 
-def _affine_args(x, weight, bias, scale, shift):
-    """Kernel pointers (x stands in for absent tensors, never read), row strides, HAS_* flags."""
+def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> tuple:
+    """Everything a forward and its backward share, worked out once per call: (kernel module,
+    x in a layout the kernels read, its cached Launch, weight, bias, scale, shift as the kernels
+    read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, four strides, CB, S,
+    PPS)."""
+    x, channels_last = dense_layout(x)
+    launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
     if scale is not None and scale.stride(-1) != 1:
         scale = scale.contiguous()
     if shift is not None and shift.stride(-1) != 1:
         shift = shift.contiguous()
     present = (weight is not None, bias is not None, scale is not None, shift is not None)
-    ptrs = [t if t is not None else x for t in (weight, bias, scale, shift)]
-    strides = (scale.stride(0) if present[2] else 0, shift.stride(0) if present[3] else 0)
-    return ptrs, strides, _flags(present)
+    row_strides = (0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0))
+    return (kernels(x.device), x, launch, (weight, bias, scale, shift), present,
+            (*launch.sizes, *row_strides, *launch.chunking))
 
 
-@functools.cache
-def _flags(present: tuple[bool, bool, bool, bool]) -> dict:
-    return dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
-
-
-def _prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int]):
-    """x in a layout the kernels read, its cached Launch, the affine pointers and flags, and the
-    sizes every kernel takes: (G, Cg, HW, four strides, CB, S, PPS)."""
-    x, channels_last = dense_layout(x)
-    launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
-    ptrs, strides, flags = _affine_args(x, weight, bias, scale, shift)
-    return x, launch, ptrs, flags, (*launch.sizes, *strides, *launch.chunking)
+def _pointers(x, params) -> list[torch.Tensor]:
+    """Kernel pointers for weight, bias, scale, shift: x stands in for an absent one (never read)."""
+    return [t if t is not None else x for t in params]
 
 
 def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool,
             chunks: Optional[int] = None):
     """(y, mean, rstd): mean is float32 [N, G] of x minus each group's first element."""
-    k = kernels()
-    x, launch, ptrs, flags, sizes = _prepare(x, weight, bias, scale, shift, num_groups, chunks)
+    return forward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), eps, silu)
+
+
+def forward_prepared(prepared: tuple, eps: float, silu: bool):
+    k, x, launch, params, present, sizes = prepared
+    ptrs = _pointers(x, params)
     fused = launch.plan.fused
     y = new_output(x)
-    mean = new_output((x.shape[0], num_groups), torch.float32, x.device)
-    rstd = new_output((x.shape[0], num_groups), torch.float32, x.device)
+    mean = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
+    rstd = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
     if fused:
         ws = (mean, mean, mean)  # not read
     else:
         ws = [torch.empty(launch.grid, dtype=torch.float32, device=x.device) for _ in range(3)]
         k.fwd_stats_kernel[launch.grid](x, *ws, *sizes, **launch.tile)
-    k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps, BLOCK_K=_pow2(launch.plan.chunks),
-                                    FUSED=fused, SILU=silu, **launch.tile, **flags)
+    k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps,
+                                    **kernel_options(launch, "fwd_apply", silu, present))
     return y, mean, rstd
 
 
@@ -216,36 +239,40 @@ def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, sil
              chunks: Optional[int] = None):
     """(dx, dweight, dbias, dscale, dshift), all reduced by the kernels; the gradient of an absent
     tensor is None."""
-    k = kernels()
-    x, launch, ptrs, flags, sizes = _prepare(x, weight, bias, scale, shift, num_groups, chunks)
-    fused, splits = launch.plan.fused, launch.plan.splits
+    return backward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), dy, mean, rstd, silu)
+
+
+def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
+    k, x, launch, params, present, sizes = prepared
+    ptrs = _pointers(x, params)
     dy = match_layout(dy, x)
     dx = new_output(x)
-    sums = [new_output(x.shape[:2], torch.float32, x.device) for _ in range(2)]  # sg, sgx per (n, c)
-    if fused:
-        ws = sums  # not read
+    sg = new_output(x.shape[:2], torch.float32, x.device)  # per (n, c) sums of dz and dz * xhat
+    sgx = new_output(x.shape[:2], torch.float32, x.device)
+    if launch.plan.fused:
+        ws = (sg, sgx)  # not read
     else:
-        ws = [torch.empty(sums[0].numel() * splits, dtype=torch.float32, device=x.device) for _ in range(2)]
-        k.bwd_reduce_kernel[launch.grid](x, dy, *ptrs, mean, rstd, *ws, *sizes, SILU=silu, **launch.tile, **flags)
-    k.bwd_dx_kernel[launch.grid](x, dy, dx, *ptrs, mean, rstd, *ws, *sums, *sizes, BLOCK_S=_pow2(splits),
-                                 FUSED=fused, SILU=silu, **launch.tile, **flags)
-    return (dx, *_parameter_grads(k, launch, sums, (weight, bias, scale, shift), ptrs, sizes[6], flags))
+        ws = [torch.empty(sg.numel() * launch.plan.splits, dtype=torch.float32, device=x.device) for _ in range(2)]
+        k.bwd_reduce_kernel[launch.grid](x, dy, *ptrs, mean, rstd, *ws, *sizes,
+                                         **kernel_options(launch, "bwd_reduce", silu, present))
+    k.bwd_dx_kernel[launch.grid](x, dy, dx, *ptrs, mean, rstd, *ws, sg, sgx, *sizes,
+                                 **kernel_options(launch, "bwd_dx", silu, present))
+    if not any(present):
+        return dx, None, None, None, None
+    return (dx, *_parameter_grads(k, launch, sg, sgx, params, ptrs, sizes[6], present))
 
 
-def _parameter_grads(k, launch: Launch, sums, params, ptrs, stride_s: int, flags):
+def _parameter_grads(k, launch: Launch, sg, sgx, params, ptrs, stride_s: int, present):
     """dweight, dbias, dscale, dshift (None where the tensor is absent) from the [N, C] float32
     sums sg, sgx. A float32 dshift is written over sg and a float32 dscale over sgx (each element
     is read, then written, by the same program): two allocations fewer per call."""
     weight, bias, scale, shift = params
-    if weight is None and bias is None and scale is None and shift is None:
-        return [None] * 4
-    n, c = sums[0].shape
-    sg, sgx = sums
-    grads = [None if weight is None else new_output(weight), None if bias is None else new_output(bias)]
-    grads.append(None if scale is None else sgx if scale.dtype == torch.float32 else
-                 new_output((n, c), scale.dtype, scale.device))
-    grads.append(None if shift is None else sg if shift.dtype == torch.float32 else
-                 new_output((n, c), shift.dtype, shift.device))
+    grads = [None if weight is None else new_output(weight), None if bias is None else new_output(bias),
+             None if scale is None else sgx if scale.dtype == torch.float32 else new_output(sgx.shape, scale.dtype,
+                                                                                          scale.device),
+             None if shift is None else sg if shift.dtype == torch.float32 else new_output(sg.shape, shift.dtype,
+                                                                                         shift.device)]
     outs = [g if g is not None else sg for g in grads]  # placeholders are never written
-    k.param_grads_kernel[launch.param_grid](sg, sgx, *ptrs[:3], *outs, n, c, stride_s, **launch.param_tile, **flags)
+    k.param_grads_kernel[launch.param_grid](sg, sgx, *ptrs[:3], *outs, sg.shape[0], sg.shape[1], stride_s,
+                                            **kernel_options(launch, "param_grads", False, present))
     return grads
