@@ -69,10 +69,15 @@ def noise_schedule(d: DiffusionConfig):
 
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on `device` whose seed mixes all `keys` (e.g. seed, step, rank) without
-    collisions. Seeding is host arithmetic: it never waits on the device."""
+    """A generator on `device` seeded with mixed_seed(*keys)."""
+    return torch.Generator(device=device).manual_seed(mixed_seed(*keys))
+
+
+def mixed_seed(*keys: int) -> int:
+    """A 64-bit seed that mixes all `keys` (e.g. seed, step, rank) without collisions. Host
+    arithmetic: it never waits on the device."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+    return int(state[0]) << 32 | int(state[1])
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ class NonFiniteGuard:
         self.buffers = list(model.buffers())
         self.saved = [b.clone() for b in self.buffers]
         self.bad = torch.zeros((), device=device)  # 1.0 when the current step is skipped
-        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # Counts as float64, so each update is one op with the float flag (exact to 2^53 steps).
+        self.in_a_row = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.float64, device=device)
 
     def start(self) -> None:
         """Before a step's first forward: remember the buffers a skipped step must restore."""
@@ -33,23 +34,22 @@ class NonFiniteGuard:
         """Mark the step bad if this micro-batch's loss (or the step's gradient norm) is not finite."""
         if not self.enabled:
             return
-        bad = ~torch.isfinite(loss)
-        if grad_norm is not None:
-            bad = bad | ~torch.isfinite(grad_norm)
-        torch.maximum(self.bad, bad.float(), out=self.bad)
+        value = loss if grad_norm is None else loss + grad_norm
+        # 0 * value is 0 exactly when value is finite (inf and nan give nan): one test for both
+        # numbers in three small ops, where isfinite takes four for each.
+        self.bad.masked_fill_((value * 0).ne(0), 1.0)
         self.optimizer.found_inf = self.bad  # fused AdamW skips its update where this is nonzero
 
     def finish(self) -> None:
         """After the optimizer step: undo a skipped step's buffer updates and count it."""
         if not self.enabled:
             return
-        bad = self.bad.long()
         if self.buffers:  # where, not arithmetic: exact, and a NaN statistic must not survive
             keep_saved = self.bad.bool()
             torch._foreach_copy_(self.buffers, [torch.where(keep_saved, old, new)
                                                 for old, new in zip(self.saved, self.buffers)])
-        self.in_a_row.add_(1).mul_(bad)
-        self.skipped.add_(bad)
+        torch.addcmul(self.bad, self.in_a_row, self.bad, out=self.in_a_row)  # (in_a_row + 1) * bad
+        self.skipped.add_(self.bad)
 
     def counts(self) -> tuple[int, int]:
         """(skipped steps in a row now, skipped steps in all): a host read, for log steps."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import Config, TrainConfig
-from .diffusion import draw_step, noise_tables, objective, seeded_generator
+from .diffusion import draw_step, mixed_seed, noise_tables, objective
 from .ema import EMA
 from .guard import NonFiniteGuard
 from .images import from_uint8
@@ -39,7 +39,7 @@ def learning_rate(cfg: Config, step: int) -> float:
     return t.lr * _schedule(t.lr_schedule, t.warmup_steps, t.max_steps)(step + 1)
 
 
-_DIFFUSERS_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+DIFFUSERS_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +47,7 @@ def _schedule(name: str, warmup_steps: int, max_steps: int) -> Callable[[int], f
     from diffusers.optimization import get_scheduler
 
     holder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)  # the lambda needs an optimizer to attach to
-    return get_scheduler(_DIFFUSERS_NAMES[name], holder, num_warmup_steps=warmup_steps,
+    return get_scheduler(DIFFUSERS_SCHEDULES[name], holder, num_warmup_steps=warmup_steps,
                          num_training_steps=max_steps).lr_lambdas[0]
 
 
@@ -80,6 +80,8 @@ class TrainStep:
         fused = bool(self.adamw.defaults.get("fused"))
         self.guard = NonFiniteGuard(self.unwrapped, self.adamw, accelerator.device,
                                     enabled=fused and accelerator.scaler is None)
+        self.clip_in_adamw = fused and accelerator.scaler is None and self.one_group
+        self.generator = torch.Generator(device=accelerator.device)  # reseeded for every micro-batch
 
     def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
         """Optimizer step number `step` (0-based); the micro-batches' losses, still on the device."""
@@ -99,7 +101,7 @@ class TrainStep:
         t, accelerator = self.cfg.train, self.accelerator
         batch = to_device(batch, accelerator.device, self.memory_format)
         images = batch["image"]
-        generator = seeded_generator(t.seed, micro, accelerator.process_index, device=images.device)
+        generator = self.generator.manual_seed(mixed_seed(t.seed, micro, accelerator.process_index))
         d = self.cfg.diffusion
         draws = draw_step(images, d.num_train_timesteps, t.label_dropout, generator, d.offset_noise,
                           self.cfg.data.random_crop)
@@ -122,14 +124,19 @@ class TrainStep:
         self.adamw.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The total gradient norm (on the device), after clipping to train.grad_clip if set."""
+        """The total gradient norm (on the device), after scaling the gradients by
+        min(1, train.grad_clip / (norm + 1e-6)) if train.grad_clip is set, as clip_grad_norm_ does.
+        Fused AdamW without a loss scaler does the scaling itself: it divides each gradient by its
+        grad_scale inside the update, so clipping costs no pass over the gradients of its own."""
         clip = self.cfg.train.grad_clip
         if self.accelerator.scaler is not None:  # fp16: clip the true gradients
             self.accelerator.scaler.unscale_(self.adamw)
-        grads = [p.grad for p in self.params if p.grad is not None]
         if not self.one_group:  # torch groups the tensors by device and dtype itself
             return torch.nn.utils.clip_grad_norm_(self.params, clip or float("inf"), foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if clip:
+        if clip and self.clip_in_adamw:
+            self.adamw.grad_scale = torch.clamp((total + 1e-6) / clip, min=1.0)
+        elif clip:
             torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
         return total

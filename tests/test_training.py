@@ -12,7 +12,7 @@ from gn_diffusion.config import RuntimeConfig, load_config
 from gn_diffusion.diffusion import denoising_loss, noise_schedule, training_loss
 from gn_diffusion.ema import EMA
 from gn_diffusion.sampling import generate, load_model
-from gn_diffusion.step import learning_rate
+from gn_diffusion.step import learning_rate, to_device
 from gn_diffusion.training import EpochBatches, train
 from gn_diffusion.unet import build_unet
 
@@ -192,3 +192,33 @@ def test_offset_noise_loss_is_finite_at_the_last_step_and_trains_on_the_offset(t
     zero = Predicts(torch.zeros(1, 1, 1, 1))
     loss = objective(zero, images, torch.zeros(2, dtype=torch.long), draws, cfg)
     assert torch.isfinite(loss) and torch.isclose(loss, draws.noise.square().mean())  # the target is the offset noise
+
+
+@pytest.mark.parametrize("clip", [0.01, 0.0])
+def test_a_step_clips_like_clip_grad_norm_then_steps_like_adamw(tmp_path, clip):
+    """TrainStep's update (clipping inside fused AdamW) equals torch's textbook step on the same
+    batch and draws: clip_grad_norm_, then single-tensor AdamW."""
+    import copy
+
+    from gn_diffusion.diffusion import draw_step, mixed_seed, objective
+    from gn_diffusion.training import plan_run, start_session
+
+    cfg = tiny_config(tmp_path / "run", f"train.grad_clip={clip}", "runtime.backend=torch")
+    session = start_session(plan_run(cfg))
+    step = session.step
+    reference = copy.deepcopy(step.unwrapped)
+    batch = next(session.data)
+    step(iter([batch]), 0)
+
+    t = cfg.train
+    images = to_device(batch, torch.device("cpu"), torch.contiguous_format)["image"]
+    draws = draw_step(images, cfg.diffusion.num_train_timesteps, t.label_dropout,
+                      torch.Generator().manual_seed(mixed_seed(t.seed, 0, 0)))
+    objective(reference, images, batch["label"], draws, cfg).backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))
+    assert (norm > 10 * clip) if clip else norm > 0  # the clip, when set, really cuts
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=learning_rate(cfg, 0), betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay, foreach=False)
+    optimizer.step()
+    for (name, ours), theirs in zip(step.unwrapped.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name
