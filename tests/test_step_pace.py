@@ -139,3 +139,19 @@ def test_cuda_steps_never_sync(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(losses) == 3 and bool(torch.isfinite(torch.stack(losses)).all())
+
+
+def test_the_eager_triton_norm_plans_once_per_forward_and_backward_and_refuses_double_backward(monkeypatch):
+    from gn_diffusion.kernels import triton_impl
+    from gn_diffusion.norms import GroupNorm32
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    norm = GroupNorm32(2, 4, backend="triton")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    scale, shift = torch.randn(2, 8, requires_grad=True).chunk(2, dim=1)
+    real, calls = triton_impl.prepare, []
+    monkeypatch.setattr(triton_impl, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.autograd.grad(norm(x, scale, shift, act=True).square().sum(), [x, norm.weight, scale])
+    assert len(calls) == 1  # the backward reuses the forward's plan
+    with pytest.raises(RuntimeError, match="not differentiable.*runtime.backend=torch"):
+        torch.autograd.grad(norm(x, scale, shift, act=True).sum(), x, create_graph=True)
