@@ -1,5 +1,6 @@
-"""A whole optimizer step (forward, backward, clipping, fused AdamW, EMA) of our GNUNet against
-diffusers' UNet2DModel built to the same DDPM CIFAR-10 config, and the training loop's overhead.
+"""A whole optimizer step (forward, backward, clipping, AdamW, EMA) of our GNUNet against
+diffusers' UNet2DModel built to the same DDPM CIFAR-10 config, two ways, and the training loop's
+overhead.
 
     python benchmarks/bench_train_step.py --quick          # CPU: the 10-minute grid, one thread
     python benchmarks/bench_train_step.py                  # CUDA: batch 2..128, every compile mode, both backends
@@ -7,9 +8,13 @@ diffusers' UNet2DModel built to the same DDPM CIFAR-10 config, and the training 
 
 Every cell of the grid (batch x compile mode x channels_last) builds its contenders fresh: ours on
 the digits config and on configs/cifar10.yaml (our TrainStep, per backend), and UNet2DModel on the
-CIFAR config with a hand-written step equal to ours. After warm-up, blocks of steps run round-robin
-over the contenders (ours, ours, theirs, ours, ours, theirs, ...), so a noisy machine slows all
-alike; ms/step is the median and the ratio ours/diffusers the median over the back-to-back pairs.
+CIFAR config twice: diffusers-cifar10 with a hand-written step equal to ours (the model
+comparison: ours/diffusers), and diffusers-example-cifar10 trained as diffusers' example
+train_unconditional.py trains it (global-RNG draws, default AdamW, accelerate's clipping and lr
+scheduler, EMAModel, a loss.item() every step: the product comparison, ours/example). After
+warm-up, blocks of steps run round-robin over the contenders (ours, ours, diffusers, example,
+ours, ...), so a noisy machine slows all alike; ms/step is the median and each ratio the median
+over the back-to-back pairs.
 The second measurement pairs the real loop (start_session: data loading, EMA, clipping, the
 loss window) with a bare forward + backward + AdamW on one pre-made batch. Results go to
 results/train_step-<device>.json and .md.
@@ -34,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gn_diffusion.config import load_config  # noqa: E402
-from train_step_parts import (TINY_DIGITS, interleaved, launches_per_step, loop_pair, memory_mark,  # noqa: E402
-                              memory_used_since, ours, paired_ratio, sync, theirs)
+from train_step_parts import (TINY_DIGITS, example, interleaved, launches_per_step, loop_pair,  # noqa: E402
+                              memory_mark, memory_used_since, ours, paired_ratio, sync, theirs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"digits": ROOT / "configs/digits.yaml", "cifar10": ROOT / "configs/cifar10.yaml"}
 LOOP_TARGET = 1.10  # whole loop / bare step, CPU, tiny digits, batch 2, one thread
+# The diffusers contenders (CIFAR config, torch backend) and the ratio column each gives our CIFAR rows.
+DIFFUSERS = {"diffusers-cifar10": (theirs, "ratio_vs_diffusers"),
+             "diffusers-example-cifar10": (example, "ratio_vs_example")}
 
 
 def device_name(device: torch.device) -> str:
@@ -51,10 +59,10 @@ def slug(name: str) -> str:
 
 
 def contender_plan(args, device) -> list[tuple[str, str, str]]:
-    """(name, config, backend) of every contender in a cell; diffusers last, so each block of
-    ours is followed by theirs."""
+    """(name, config, backend) of every contender in a cell; the diffusers ones last (the model
+    comparison, then the example), so each block of ours is followed by theirs."""
     plan = [(f"ours-{config}-{backend}", config, backend) for backend in args.backends for config in args.configs]
-    return plan + [("diffusers-cifar10", "cifar10", "torch")]
+    return plan + [(name, "cifar10", "torch") for name in DIFFUSERS]
 
 
 def cell_config(args, config: str, backend: str, batch: int, compile_mode: str, channels_last: bool):
@@ -78,7 +86,7 @@ def run_cell(args, device, batch: int, compile_mode: str, channels_last: bool) -
             continue
         cfg = cell_config(args, config, backend, batch, compile_mode, channels_last)
         mark = memory_mark(device)
-        c = (theirs if name.startswith("diffusers") else ours)(name, config, cfg, batch)
+        c = DIFFUSERS.get(name, (ours,))[0](name, config, cfg, batch)
         first = time.perf_counter()
         c.step(0)
         sync(device)
@@ -101,11 +109,12 @@ def run_cell(args, device, batch: int, compile_mode: str, channels_last: bool) -
                    images_per_s=batch * 1e3 / ms, host_ms=statistics.median(t["host_ms"]),
                    compile_s=row["first_s"] - ms / 1e3, launches=count_launches(c, after, device, compile_mode),
                    wall_ms=t["wall_ms"])
-    theirs_ms = times.get("diffusers-cifar10", {}).get("wall_ms")
     for row in rows:
         row.update(batch=batch, compile=compile_mode, channels_last=channels_last)
-        if theirs_ms and "ms" in row and row["model"] == "GNUNet" and row["config"] == "cifar10":
-            row["ratio_vs_diffusers"] = paired_ratio(row["wall_ms"], theirs_ms)
+        if "ms" in row and row["model"] == "GNUNet" and row["config"] == "cifar10":
+            for name, (_, key) in DIFFUSERS.items():
+                if name in times:
+                    row[key] = paired_ratio(row["wall_ms"], times[name]["wall_ms"])
     return rows
 
 
@@ -154,17 +163,17 @@ def markdown(record: dict, device: torch.device) -> str:
              f"{record['threads']} thread(s), precision {record['precision']}, "
              f"deterministic={record['deterministic']}. Command: `{record['command']}` ({record['wall_s']:.0f} s).",
              "", record["note"], "",
-             f"| batch | compile | ch_last | contender | params | ms/step | img/s | ours/diffusers | {what} "
-             f"| compile s | {launches}/step | host ms/step |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| batch | compile | ch_last | contender | params | ms/step | img/s | ours/diffusers | ours/example "
+             f"| {what} | compile s | {launches}/step | host ms/step |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["rows"]:
         cell = f"| {r['batch']} | {r['compile']} | {'on' if r['channels_last'] else 'off'} | {r['name']} "
         if "skipped" in r:
-            lines.append(cell + f"| | {r['skipped']} | | | | | | |")
+            lines.append(cell + f"| | {r['skipped']} | | | | | | | |")
             continue
-        ratio = f"{r['ratio_vs_diffusers']:.2f}x" if "ratio_vs_diffusers" in r else "-"
+        ratios = " | ".join(f"{r[key]:.2f}x" if key in r else "-" for _, key in DIFFUSERS.values())
         compile_s = f"{r['compile_s']:.1f}" if r["compile"] != "none" else f"({r['compile_s']:.2f})"
-        lines.append(cell + f"| {r['params'] / 1e6:.2f}M | {r['ms']:.1f} | {r['images_per_s']:.0f} | {ratio} "
+        lines.append(cell + f"| {r['params'] / 1e6:.2f}M | {r['ms']:.1f} | {r['images_per_s']:.0f} | {ratios} "
                      f"| {fmt_memory(r, device)} | {compile_s} | {fmt_launches(r['launches'])} | {r['host_ms']:.1f} |")
     loop = record.get("loop_overhead")
     if loop:
@@ -189,7 +198,12 @@ def note(args, device) -> str:
             + f" {args.warmup} warm-up steps, {args.reps} interleaved blocks of {args.block} step(s)."
             + f" Compiled cells (cold Inductor cache unless --inductor-cache): batch:channels_last "
               f"{' '.join(args.compile_at)}" + (f", without {' '.join(args.compile_skip)}" if args.compile_skip else "")
-            + ". ours/diffusers is the median of per-pair ratios, so it can differ from the ratio of the medians.")
+            + ". ours/diffusers compares models: ours-cifar10 against UNet2DModel under a step equal to ours "
+              "(diffusers-cifar10). ours/example compares products: ours-cifar10 against UNet2DModel trained as "
+              "diffusers' train_unconditional.py trains it (diffusers-example-cifar10: global-RNG draws, default "
+              "AdamW, accelerate's clipping and lr scheduler, EMAModel, loss.item() every step; the cell's compile "
+              "mode and layout applied, so eager/off is the example as shipped). Each ratio is the median of "
+              "per-pair ratios, so it can differ from the ratio of the medians.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +271,10 @@ def main(argv=None) -> None:
                     continue  # --compile-at: each cold compile costs minutes on a CPU
                 cell = run_cell(args, device, batch, compile_mode, cl == "on")
                 for r in cell:
+                    ratios = "".join(f", ours/{key.removeprefix('ratio_vs_')} {r[key]:.2f}x"
+                                     for _, key in DIFFUSERS.values() if key in r)
                     print(f"batch {batch} {compile_mode} channels_last={cl} {r['name']}: "
-                          + (r["skipped"] if "skipped" in r else f"{r['ms']:.1f} ms/step, "
-                             f"ratio {r.get('ratio_vs_diffusers', float('nan')):.2f}"), flush=True)
+                          + (r["skipped"] if "skipped" in r else f"{r['ms']:.1f} ms/step{ratios}"), flush=True)
                 rows += cell
     loop = None if args.no_loop else loop_overhead(args)
     if loop:

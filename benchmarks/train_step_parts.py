@@ -1,6 +1,7 @@
-"""The pieces `bench_train_step.py` times: the contenders (our TrainStep, a hand-written step for
-diffusers' UNet2DModel, the whole loop and the bare step) and the per-step measurements (wall
-clock, host CPU time, memory, dispatched ops or launches)."""
+"""The pieces `bench_train_step.py` times: the contenders (our TrainStep; diffusers' UNet2DModel
+with a hand-written step equal to ours, and trained as diffusers' own example trains it; the
+whole loop and the bare step) and the per-step measurements (wall clock, host CPU time, memory,
+dispatched ops or launches)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gn_diffusion.config import Config, load_config
-from gn_diffusion.diffusion import draw_step, objective, seeded_generator
+from gn_diffusion.diffusion import draw_step, make_scheduler, objective, seeded_generator
 from gn_diffusion.ema import EMA
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
-from gn_diffusion.step import TrainStep, learning_rate, make_optimizer, to_device
+from gn_diffusion.step import DIFFUSERS_SCHEDULES, TrainStep, learning_rate, make_optimizer, to_device
 from gn_diffusion.training import make_accelerator, plan_run, start_session
 from gn_diffusion.unet import build_unet
 
@@ -75,12 +76,25 @@ def host_batch(cfg: Config, batch: int, device: torch.device) -> dict:
     return {"image": images, "label": labels}
 
 
+def runtime(cfg: Config):
+    """(accelerator, memory format) for a contender: the same accelerate state and torch settings
+    (threads, cudnn.benchmark, TF32) for every model."""
+    accelerator = make_accelerator(cfg)
+    configure_torch(cfg.runtime)
+    return accelerator, memory_format(cfg.runtime)
+
+
+def diffusers_unet(cfg: Config, fmt: torch.memory_format):
+    """UNet2DModel built to the config (diffusers_arguments), in training mode and layout `fmt`."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**diffusers_arguments(cfg)).train().to(memory_format=fmt)
+
+
 def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
     """GNUNet with the package's own TrainStep, assembled as start_session does but fed one
     pre-made batch (the CIFAR config has no data here)."""
-    accelerator = make_accelerator(cfg)
-    configure_torch(cfg.runtime)
-    fmt = memory_format(cfg.runtime)
+    accelerator, fmt = runtime(cfg)
     model = build_unet(cfg.model, cfg.runtime).to(memory_format=fmt)
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, cfg.train)
@@ -94,13 +108,11 @@ def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
 
 def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     """diffusers' UNet2DModel with a hand-written step equal to TrainStep's: same draws and loss,
-    same precision (accelerate's autocast), foreach clipping, fused AdamW, foreach EMA."""
-    from diffusers import UNet2DModel
-
-    accelerator = make_accelerator(cfg)
-    configure_torch(cfg.runtime)
-    fmt, t = memory_format(cfg.runtime), cfg.train
-    model = UNet2DModel(**diffusers_arguments(cfg)).train().to(memory_format=fmt)
+    same precision (accelerate's autocast), foreach clipping, fused AdamW, foreach EMA: the model
+    comparison, GNUNet against UNet2DModel with nothing else different."""
+    accelerator, fmt = runtime(cfg)
+    t = cfg.train
+    model = diffusers_unet(cfg, fmt)
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,13 +128,75 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
         draws = draw_step(b["image"], cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
         loss = objective(forward, b["image"], b["label"], draws, cfg)
         accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(weights, t.grad_clip, foreach=True)
+        torch.nn.utils.clip_grad_norm_(weights, t.grad_clip or float("inf"), foreach=True)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
         return loss.detach()
 
     return Contender(name, "UNet2DModel", config, "-", params, step, [accelerator, ema])
+
+
+def example(name: str, config: str, cfg: Config, batch: int) -> Contender:
+    """UNet2DModel trained the way diffusers' own example trains it
+    (examples/unconditional_image_generation/train_unconditional.py), with the config's
+    hyper-parameters: the product comparison, what a user of diffusers' example gets per step.
+
+    Its recipe, in our words: noise and timesteps drawn on the device from the global RNG
+    (torch.randn in the weight dtype, torch.randint), DDPMScheduler.add_noise, the float32 MSE to
+    the noise; under accelerator.accumulate the backward, accelerate's clip_grad_norm_ when the
+    gradients sync, then AdamW as torch builds it by default (no fused=/foreach=), prepared by
+    accelerate with a get_scheduler lr schedule (prepared too) stepped every micro-batch, and
+    zero_grad; diffusers' EMAModel with its warm-up and its defaults (per-parameter updates,
+    foreach off) stepped when the gradients sync; and `loss.item()` logged every micro-batch, a
+    host sync on a GPU. The batch is moved to the device as accelerate's loader does (blocking).
+    Like the other contenders it gets the cell's compile mode (accelerate's dynamo_backend would
+    compile the model the same way) and layout; the example as shipped is the eager, NCHW cell.
+    Flips, which the example does in its host loader, are left out with the rest of the data."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    accelerator, fmt = runtime(cfg)
+    t, accumulation = cfg.train, cfg.train.gradient_accumulation_steps
+    assert cfg.diffusion.prediction_type == "epsilon", "the example's loss here is the epsilon loss"
+    model = diffusers_unet(cfg, fmt)
+    params = sum(p.numel() for p in model.parameters())
+    ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   model_cls=type(model), model_config=model.config)  # the example's inv_gamma and power
+    noise_scheduler = make_scheduler(cfg.diffusion, "ddpm")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay, eps=1e-8)  # the example's --adam_epsilon
+    lr_scheduler = get_scheduler(DIFFUSERS_SCHEDULES[t.lr_schedule], optimizer=optimizer,
+                                 num_warmup_steps=t.warmup_steps * accumulation,
+                                 num_training_steps=t.max_steps * accumulation)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema.to(accelerator.device)
+    forward = compile_model(model, cfg.runtime)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    host = host_batch(cfg, batch, accelerator.device)["image"]
+
+    def step(i: int):
+        for _ in range(accumulation):
+            clean = host.to(accelerator.device).contiguous(memory_format=fmt).to(weight_dtype)
+            noise = torch.randn(clean.shape, dtype=weight_dtype, device=clean.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
+                                      device=clean.device).long()
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            with accelerator.accumulate(model):
+                loss = F.mse_loss(forward(noisy, timesteps).sample.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                ema.step(model.parameters())
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value}
+            accelerator.log(logs, step=i)  # no tracker started: the example's tqdm postfix and log, less their I/O
+        return loss.detach()
+
+    return Contender(name, "UNet2DModel", config, "-", params, step, [accelerator, ema, lr_scheduler])
 
 
 # ---------------------------------------------------------------------------------------------
