@@ -17,6 +17,10 @@ On the CPU every Triton kernel's launch is replaced by a no-op (under TRITON_INT
 only host Python is timed; the torch reference still computes, on a shape small enough that its
 time is dispatch. On CUDA the kernels run for real on a small shape, so the wall clock of a
 stream of calls is still the host's. Results go to results/norm_host_us-<device>.json and .md.
+
+Each path is timed twice: alone (one norm, then its own backward) and in a chain of --chain norms
+under one backward. A training step is the chain: the autograd engine's start-up is paid once
+per step, not once per norm, so the chained figure is the host cost a norm adds to a step.
 """
 
 from __future__ import annotations
@@ -82,49 +86,52 @@ class NoOp(torch.autograd.Function):
         return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
 
 
-def variants(x, emb, dy, layers) -> dict[str, Callable[[], None]]:
+def variants(x, emb, dy, layers, chain: int) -> dict[str, Callable[[], None]]:
+    """Per path, one call: `chain` norms applied in turn (each to the last one's output, with the
+    same scale and shift), then one backward through all of them into x, emb and the parameters."""
     leaves = {backend: [x, emb, *layer.parameters()] for backend, layer in layers.items()}
+    norm = layers["triton"]
 
-    def layer(backend):
+    def through(apply, backend="triton"):
         def step():
             scale, shift = emb.chunk(2, dim=1)
-            y = layers[backend](x, scale, shift, act=True)
-            torch.autograd.grad(y, leaves[backend], dy)
+            h = x
+            for _ in range(chain):
+                h = apply(h, scale, shift)
+            torch.autograd.grad(h, leaves[backend], dy)
         return step
 
-    def custom_op():
-        scale, shift = emb.chunk(2, dim=1)
-        norm = layers["triton"]
-        y = group_norm_silu_op(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, True, True)[0]
-        torch.autograd.grad(y, leaves["triton"], dy)
+    def layer(backend):
+        return through(lambda h, scale, shift: layers[backend](h, scale, shift, act=True), backend)
 
-    def floor():
-        norm = layers["triton"]
-        y = NoOp.apply(x, norm.weight, norm.bias, *emb.chunk(2, dim=1))
-        torch.autograd.grad(y, leaves["triton"], dy)
+    def custom_op(h, scale, shift):
+        return group_norm_silu_op(h, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, True, True)[0]
 
-    return {"layer (autograd.Function)": layer("triton"), "custom op": custom_op, "torch reference": layer("torch"),
-            "floor (no-op autograd.Function)": floor}
+    return {"layer (autograd.Function)": layer("triton"), "custom op": through(custom_op),
+            "torch reference": layer("torch"),
+            "floor (no-op autograd.Function)": through(lambda h, scale, shift: NoOp.apply(h, norm.weight, norm.bias,
+                                                                                         scale, shift))}
 
 
-def host_us(steps: dict[str, Callable[[], None]], reps: int, device: torch.device, batch: int = 50):
-    """Per path, the median and the minimum over batches of `batch` back-to-back calls of the wall
-    time per call. Batches of the paths alternate, so a load change on a shared machine hits all
-    paths alike."""
+def host_us(steps: dict[str, Callable[[], None]], reps: int, device: torch.device, per_call: int = 1,
+            batch: int = 50):
+    """Per path, the median and the minimum over batches of `batch` back-to-back calls (`reps` in
+    all) of the wall time per norm (a call runs `per_call` norms). Batches of the paths alternate, so a load change
+    on a shared machine hits all paths alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(20):
             step()
     sync()
-    per_call = {name: [] for name in steps}
+    per_norm = {name: [] for name in steps}
     for _ in range(max(1, reps // batch)):
         for name, step in steps.items():
             began = time.perf_counter()
             for _ in range(batch):
                 step()
             sync()
-            per_call[name].append((time.perf_counter() - began) / batch * 1e6)
-    return {name: statistics.median(t) for name, t in per_call.items()}, {name: min(t) for name, t in per_call.items()}
+            per_norm[name].append((time.perf_counter() - began) / (batch * per_call) * 1e6)
+    return {name: statistics.median(t) for name, t in per_norm.items()}, {name: min(t) for name, t in per_norm.items()}
 
 
 def device_slug(device: torch.device) -> str:
@@ -134,11 +141,18 @@ def device_slug(device: torch.device) -> str:
 
 def markdown(record: dict) -> str:
     stub = " (kernel launches stubbed)" if record["launches_stubbed"] else ""
+    chain = record["chain"]
     lines = [f"# Host microseconds per norm forward+backward on {record['device']}{stub}", "",
              f"Shape {record['shape']}, {record['groups']} groups, AdaGN + SiLU, gradients of x, weight, bias, "
-             f"scale and shift; {record['reps']} calls per path, in batches of 50 alternating between paths.", "",
-             "| path | median us per forward+backward | best batch |", "|---|---:|---:|"]
-    lines += [f"| {name} | {us:.1f} | {record['host_us_min'][name]:.1f} |" for name, us in record["host_us"].items()]
+             f"scale and shift; {record['reps']} norms per path and column, in batches of about 50 alternating "
+             f"between paths. Alone: each call is one norm and its own backward. In a chain: {chain} norms, each fed the "
+             "last one's output, then one backward through all of them, as in a training step (the autograd "
+             "engine starts once per step, not once per norm); the figure is per norm.", "",
+             "| path | alone: median us | alone: best batch | in a chain: median us | in a chain: best batch |",
+             "|---|---:|---:|---:|---:|"]
+    for name, us in record["host_us"].items():
+        lines.append(f"| {name} | {us:.1f} | {record['host_us_min'][name]:.1f} | {record['chained_host_us'][name]:.1f} "
+                     f"| {record['chained_host_us_min'][name]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +162,7 @@ def parse_args(argv=None):
     parser.add_argument("--shape", default="2,64,8,8", help="N,C,H,W")
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--reps", type=int, default=2000)
+    parser.add_argument("--chain", type=int, default=20, help="norms per backward in the chained measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.shape = tuple(int(v) for v in args.shape.split(","))
@@ -161,14 +176,17 @@ def main(argv=None) -> None:
     if stubbed:
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path; nothing is interpreted
     torch.set_num_threads(1)
-    steps = variants(*inputs(args.shape, args.groups, device))
+    tensors = inputs(args.shape, args.groups, device)
     with launches_stubbed() if stubbed else contextlib.nullcontext():
-        median, best = host_us(steps, args.reps, device)
+        median, best = host_us(variants(*tensors, chain=1), args.reps, device)
+        chained, chained_best = host_us(variants(*tensors, chain=args.chain), max(1, args.reps // args.chain),
+                                        device, per_call=args.chain, batch=max(1, 50 // args.chain))
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({platform.machine()}, {platform.python_implementation()} {platform.python_version()})",
               "launches_stubbed": stubbed, "shape": list(args.shape), "groups": args.groups, "reps": args.reps,
               "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "host_us": median, "host_us_min": best}
+              "host_us": median, "host_us_min": best, "chain": args.chain,
+              "chained_host_us": chained, "chained_host_us_min": chained_best}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"norm_host_us-{device_slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
