@@ -153,12 +153,15 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        height = x.shape[2]
-        qkv = self.qkv(norm_act(self.norm, x, act=False))
-        q, k, v = rearrange(qkv, "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=height)
-        return x + self.proj(out)
+        # The 1x1 convolutions run as matmuls over the pixels, so q, k and v come out with the
+        # head dimension contiguous: SDPA's fused (flash) kernels need that, and without it fall
+        # back to the math path, which materializes the attention matrix (on the CPU as on CUDA).
+        tokens = rearrange(norm_act(self.norm, x, act=False), "b c h w -> b (h w) c")
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = rearrange(qkv, "b l (three heads d) -> three b heads l d", three=3, heads=self.heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads l d -> b l (heads d)")
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
 
 
 class Downsample(nn.Module):

@@ -155,3 +155,17 @@ def test_the_eager_triton_norm_plans_once_per_forward_and_backward_and_refuses_d
     assert len(calls) == 1  # the backward reuses the forward's plan
     with pytest.raises(RuntimeError, match="not differentiable.*runtime.backend=torch"):
         torch.autograd.grad(norm(x, scale, shift, act=True).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_runs_sdpas_fused_kernel_not_its_math_path(heads):
+    """q, k and v reach scaled_dot_product_attention with the head dimension contiguous; else
+    it falls back to the math path, which materializes the attention matrix (CPU and CUDA)."""
+    from gn_diffusion.unet import AttentionBlock, NormSpec
+
+    block = AttentionBlock(16, heads, NormSpec(kind="group", groups=4, eps=1e-5, backend="torch"))
+    with OpCounter() as ops:
+        block(torch.randn(2, 16, 4, 4, requires_grad=True)).sum().backward()
+    assert ops.counts["aten._scaled_dot_product_flash_attention_for_cpu"] == 1, sorted(ops.counts)
+    assert ops.counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 1
+    assert "aten.bmm" not in ops.counts and "aten._softmax" not in ops.counts
