@@ -36,7 +36,7 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test
 step norm_host 40 python3 benchmarks/bench_norm_host.py --device cuda --out "$OUT"
 step group_norm 100 python3 benchmarks/bench_group_norm.py --dtypes bf16 --seconds 0.2 --out "$OUT"
 step train_step 180 python3 benchmarks/bench_train_step.py --batches 8 32 128 --compiles none reduce-overhead \
-    --backends triton --channels-last on --compile-skip ours-cifar10 diffusers --loop-reps 20 --out "$OUT"
+    --backends triton --channels-last on --compile-skip ours-cifar10 diffusers --reps 10 --loop-reps 20 --out "$OUT"
 step train 80 python3 train.py configs/digits.yaml train.max_steps=600 train.sample_every=600 \
     train.checkpoint_every=600 train.output_dir=/tmp/gpu-digits runtime.cpu_threads=0
 grep -E "images/s|passed|failed|error" "$LOG" | tail -n 20
