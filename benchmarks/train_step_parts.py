@@ -22,7 +22,8 @@ from gn_diffusion.config import Config, load_config
 from gn_diffusion.diffusion import draw_step, make_scheduler, objective, seeded_generator
 from gn_diffusion.ema import EMA
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
-from gn_diffusion.step import DIFFUSERS_SCHEDULES, TrainStep, learning_rate, make_optimizer, to_device
+from gn_diffusion.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, learning_rate, make_optimizer,
+                               to_device)
 from gn_diffusion.training import make_accelerator, plan_run, start_session
 from gn_diffusion.unet import build_unet
 
@@ -108,8 +109,9 @@ def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
 
 def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     """diffusers' UNet2DModel with a hand-written step equal to TrainStep's: same draws and loss,
-    same precision (accelerate's autocast), foreach clipping, fused AdamW, foreach EMA: the model
-    comparison, GNUNet against UNet2DModel with nothing else different."""
+    same precision (accelerate's autocast), the same clipping (step.clip_gradients, inside fused
+    AdamW), fused AdamW, foreach EMA: the model comparison, GNUNet against UNet2DModel with
+    nothing else different."""
     accelerator, fmt = runtime(cfg)
     t = cfg.train
     model = diffusers_unet(cfg, fmt)
@@ -119,6 +121,8 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     forward, weights = compile_model(model, cfg.runtime), [p for p in model.parameters()]
     ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
     host = host_batch(cfg, batch, accelerator.device)
+    adamw = optimizer.optimizer
+    clips_in = adamw if adamw.defaults.get("fused") and accelerator.scaler is None else None  # as TrainStep
 
     def step(i: int):
         for group in optimizer.param_groups:
@@ -128,8 +132,9 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
         draws = draw_step(b["image"], cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
         loss = objective(forward, b["image"], b["label"], draws, cfg)
         accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(weights, t.grad_clip or float("inf"), foreach=True)  # 0: no clipping
+        clip_gradients(weights, t.grad_clip, clips_in)
         optimizer.step()
+        adamw.grad_scale = None
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
         return loss.detach()

@@ -20,9 +20,10 @@ class NonFiniteGuard:
         self.buffers = list(model.buffers())
         self.saved = [b.clone() for b in self.buffers]
         self.bad = torch.zeros((), device=device)  # 1.0 when the current step is skipped
-        # Counts as float64, so each update is one op with the float flag (exact to 2^53 steps).
-        self.in_a_row = torch.zeros((), dtype=torch.float64, device=device)
-        self.skipped = torch.zeros((), dtype=torch.float64, device=device)
+        # Counts as floats, so each update is one op with the float flag: exact to 2^24 (16.7M)
+        # steps, and float32 exists on every device (MPS has no float64).
+        self.in_a_row = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
 
     def start(self) -> None:
         """Before a step's first forward: remember the buffers a skipped step must restore."""
@@ -34,9 +35,9 @@ class NonFiniteGuard:
         """Mark the step bad if this micro-batch's loss (or the step's gradient norm) is not finite."""
         if not self.enabled:
             return
-        value = loss if grad_norm is None else loss + grad_norm
-        # 0 * value is 0 exactly when value is finite (inf and nan give nan): one test for both
-        # numbers in three small ops, where isfinite takes four for each.
+        value = loss if grad_norm is None else loss + grad_norm  # not finite if either is
+        # 0 * value is 0 exactly when value is finite (inf and nan give nan): the flag in four
+        # small ops, where isfinite alone takes four for each number.
         self.bad.masked_fill_((value * 0).ne(0), 1.0)
         self.optimizer.found_inf = self.bad  # fused AdamW skips its update where this is nonzero
 

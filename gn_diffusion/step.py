@@ -118,25 +118,32 @@ class TrainStep:
         scaler = self.accelerator.scaler
         if scaler is None:
             self.adamw.step()
+            self.adamw.grad_scale = None  # this step's clip; a GradScaler would multiply a stale one in
         else:
             scaler.step(self.adamw)
             scaler.update()
         self.adamw.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The total gradient norm (on the device), after scaling the gradients by
-        min(1, train.grad_clip / (norm + 1e-6)) if train.grad_clip is set, as clip_grad_norm_ does.
-        Fused AdamW without a loss scaler does the scaling itself: it divides each gradient by its
-        grad_scale inside the update, so clipping costs no pass over the gradients of its own."""
+        """The total gradient norm (on the device), the gradients clipped to train.grad_clip."""
         clip = self.cfg.train.grad_clip
         if self.accelerator.scaler is not None:  # fp16: clip the true gradients
             self.accelerator.scaler.unscale_(self.adamw)
         if not self.one_group:  # torch groups the tensors by device and dtype itself
             return torch.nn.utils.clip_grad_norm_(self.params, clip or float("inf"), foreach=True)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if clip and self.clip_in_adamw:
-            self.adamw.grad_scale = torch.clamp((total + 1e-6) / clip, min=1.0)
-        elif clip:
-            torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
-        return total
+        return clip_gradients(self.params, clip, self.adamw if self.clip_in_adamw else None)
+
+
+def clip_gradients(params: list[nn.Parameter], clip: float, fused_adamw=None) -> torch.Tensor:
+    """The total norm of the parameters' gradients (on their one device and dtype), and the
+    gradients scaled by min(1, clip / (norm + 1e-6)) when `clip` is nonzero, as clip_grad_norm_
+    does. Given `fused_adamw` (fused, without a loss scaler), the optimizer does the scaling: it
+    divides every gradient by its `grad_scale` inside its next step, so clipping costs no pass
+    over the gradients of its own."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if clip and fused_adamw is not None:
+        fused_adamw.grad_scale = torch.clamp((total.float() + 1e-6) / clip, min=1.0)  # the kernels read float32
+    elif clip:
+        torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+    return total

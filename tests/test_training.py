@@ -194,31 +194,36 @@ def test_offset_noise_loss_is_finite_at_the_last_step_and_trains_on_the_offset(t
     assert torch.isfinite(loss) and torch.isclose(loss, draws.noise.square().mean())  # the target is the offset noise
 
 
-@pytest.mark.parametrize("clip", [0.01, 0.0])
-def test_a_step_clips_like_clip_grad_norm_then_steps_like_adamw(tmp_path, clip):
-    """TrainStep's update (clipping inside fused AdamW) equals torch's textbook step on the same
-    batch and draws: clip_grad_norm_, then single-tensor AdamW."""
+@pytest.mark.parametrize("clip, weight_decay, accumulation", [(0.01, 0.0, 1), (0.01, 0.1, 2), (0.0, 0.1, 1)])
+def test_steps_clip_like_clip_grad_norm_then_update_like_adamw(tmp_path, clip, weight_decay, accumulation):
+    """Two TrainSteps (clipping inside fused AdamW) equal torch's textbook steps on the same
+    batches and draws: the micro-batches' losses over their count, clip_grad_norm_, then
+    single-tensor AdamW at the step's learning rate."""
     import copy
 
     from gn_diffusion.diffusion import draw_step, mixed_seed, objective
     from gn_diffusion.training import plan_run, start_session
 
-    cfg = tiny_config(tmp_path / "run", f"train.grad_clip={clip}", "runtime.backend=torch")
-    session = start_session(plan_run(cfg))
+    cfg = tiny_config(tmp_path / "run", f"train.grad_clip={clip}", f"train.weight_decay={weight_decay}",
+                      f"train.gradient_accumulation_steps={accumulation}", "runtime.backend=torch")
+    session, t = start_session(plan_run(cfg)), cfg.train
     step = session.step
+    assert step.clip_in_adamw
     reference = copy.deepcopy(step.unwrapped)
-    batch = next(session.data)
-    step(iter([batch]), 0)
-
-    t = cfg.train
-    images = to_device(batch, torch.device("cpu"), torch.contiguous_format)["image"]
-    draws = draw_step(images, cfg.diffusion.num_train_timesteps, t.label_dropout,
-                      torch.Generator().manual_seed(mixed_seed(t.seed, 0, 0)))
-    objective(reference, images, batch["label"], draws, cfg).backward()
-    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))
-    assert (norm > 10 * clip) if clip else norm > 0  # the clip, when set, really cuts
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=learning_rate(cfg, 0), betas=(t.adam_beta1, t.adam_beta2),
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1.0, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay, foreach=False)
-    optimizer.step()
+    for number in range(2):
+        batches = [next(session.data) for _ in range(accumulation)]
+        step(iter(batches), number)
+        for micro, batch in enumerate(batches, start=number * accumulation):
+            images = to_device(batch, torch.device("cpu"), torch.contiguous_format)["image"]
+            draws = draw_step(images, cfg.diffusion.num_train_timesteps, t.label_dropout,
+                              torch.Generator().manual_seed(mixed_seed(t.seed, micro, 0)))
+            (objective(reference, images, batch["label"], draws, cfg) / accumulation).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))
+        assert (norm > 10 * clip) if clip else norm > 0  # the clip, when set, really cuts
+        optimizer.param_groups[0]["lr"] = learning_rate(cfg, number)
+        optimizer.step()
+        optimizer.zero_grad()
     for (name, ours), theirs in zip(step.unwrapped.named_parameters(), reference.parameters()):
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name

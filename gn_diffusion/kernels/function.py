@@ -5,6 +5,8 @@ A `torch.library` custom op costs several times more host time per call than an 
 directly; the op is only needed where torch.compile traces the norm. Both call the same kernels
 through `triton_impl`, so they give the same bits. The launch plan, layout and flags the forward
 works out are kept for its backward, so a norm's host work is done once per step, not twice.
+(For an x that is neither NCHW- nor channels_last-dense, that keeps the forward's dense copy
+alive until the backward instead of copying again: the U-Net never makes one.)
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ class GroupNormSiLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # Not torch.autograd.function.once_differentiable: its wrapper costs more host time than
-        # the rest of this method. The kernels' gradients have no gradient, so refuse to build one.
+        # once_differentiable's wrapper costs more host time than the rest of this method, so it
+        # is only paid where it matters: a backward that builds a graph (create_graph=True),
+        # whose results then refuse a second differentiation (the kernels have no gradient).
         if torch.is_grad_enabled():
-            raise RuntimeError("the Triton group_norm_silu backward is not differentiable (no double backward); "
-                               "use runtime.backend=torch for higher-order gradients")
-        if dy is None:
-            return (None,) * 8
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        k, launch, present, sizes = ctx.plan
-        prepared = (k, x, launch, (weight, bias, scale, shift), present, sizes)
-        grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.silu)
-        return (*grads, None, None, None)
+            return _backward_building_a_graph(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy):
+    if dy is None:
+        return (None,) * 8
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    k, launch, present, sizes = ctx.plan
+    prepared = (k, x, launch, (weight, bias, scale, shift), present, sizes)
+    grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.silu)
+    return (*grads, None, None, None)
+
+
+_backward_building_a_graph = torch.autograd.function.once_differentiable(_backward)

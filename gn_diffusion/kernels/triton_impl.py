@@ -163,7 +163,6 @@ def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool,
         p = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
         per_kernel = {
-            "fwd_stats": launch.tile,
             "fwd_apply": dict(BLOCK_K=_pow2(p.chunks), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
             "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
             "bwd_dx": dict(BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
@@ -193,8 +192,8 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
 def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> tuple:
     """Everything a forward and its backward share, worked out once per call: (kernel module,
     x in a layout the kernels read, its cached Launch, weight, bias, scale, shift as the kernels
-    read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, four strides, CB, S,
-    PPS)."""
+    read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, x's three
+    strides, scale's and shift's row strides, CB, S, PPS)."""
     x, channels_last = dense_layout(x)
     launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
     if scale is not None and scale.stride(-1) != 1:
