@@ -22,8 +22,8 @@ from gn_diffusion.config import Config, load_config
 from gn_diffusion.diffusion import draw_step, make_scheduler, objective, seeded_generator
 from gn_diffusion.ema import EMA
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
-from gn_diffusion.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, learning_rate, make_optimizer,
-                               to_device)
+from gn_diffusion.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, fused_without_scaler,
+                               learning_rate, make_optimizer, to_device)
 from gn_diffusion.training import make_accelerator, plan_run, start_session
 from gn_diffusion.unet import build_unet
 
@@ -122,7 +122,7 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
     host = host_batch(cfg, batch, accelerator.device)
     adamw = optimizer.optimizer
-    clips_in = adamw if adamw.defaults.get("fused") and accelerator.scaler is None else None  # as TrainStep
+    clips_in = adamw if fused_without_scaler(adamw, accelerator) else None  # as TrainStep
 
     def step(i: int):
         for group in optimizer.param_groups:

@@ -77,10 +77,9 @@ class TrainStep:
         # synchronized, through the loss scaler under fp16.
         self.adamw = getattr(optimizer, "optimizer", optimizer)
         self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
-        fused = bool(self.adamw.defaults.get("fused"))
-        self.guard = NonFiniteGuard(self.unwrapped, self.adamw, accelerator.device,
-                                    enabled=fused and accelerator.scaler is None)
-        self.clip_in_adamw = fused and accelerator.scaler is None and self.one_group
+        unscaled_fused = fused_without_scaler(self.adamw, accelerator)
+        self.guard = NonFiniteGuard(self.unwrapped, self.adamw, accelerator.device, enabled=unscaled_fused)
+        self.clip_in_adamw = unscaled_fused and self.one_group
         self.generator = torch.Generator(device=accelerator.device)  # reseeded for every micro-batch
 
     def __call__(self, data: Iterator[dict], step: int) -> list[torch.Tensor]:
@@ -132,6 +131,12 @@ class TrainStep:
         if not self.one_group:  # torch groups the tensors by device and dtype itself
             return torch.nn.utils.clip_grad_norm_(self.params, clip or float("inf"), foreach=True)
         return clip_gradients(self.params, clip, self.adamw if self.clip_in_adamw else None)
+
+
+def fused_without_scaler(adamw: torch.optim.Optimizer, accelerator) -> bool:
+    """Whether `adamw` (the torch optimizer itself) is fused and runs without a loss scaler: then
+    its step takes a device skip flag (found_inf) and a gradient divisor (grad_scale) of ours."""
+    return bool(adamw.defaults.get("fused")) and accelerator.scaler is None
 
 
 def clip_gradients(params: list[nn.Parameter], clip: float, fused_adamw=None) -> torch.Tensor:

@@ -156,20 +156,18 @@ class Launch:
 
 def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool, ...]) -> dict:
     """The keyword arguments of one kernel's launch (tiles, compile-time flags), built once per
-    launch, kernel, activation and set of present tensors, then reused by every call."""
-    key = (kernel, silu, present)
-    options = launch.options.get(key)
-    if options is None:
+    launch, activation and set of present tensors, then reused by every call."""
+    per_kernel = launch.options.get((silu, present))
+    if per_kernel is None:
         p = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
-        per_kernel = {
+        per_kernel = launch.options[silu, present] = {
             "fwd_apply": dict(BLOCK_K=_pow2(p.chunks), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
             "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
             "bwd_dx": dict(BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
             "param_grads": dict(**launch.param_tile, **flags),
         }
-        options = launch.options[key] = per_kernel[kernel]
-    return options
+    return per_kernel[kernel]
 
 
 @functools.lru_cache(maxsize=1024)
