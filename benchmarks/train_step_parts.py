@@ -16,11 +16,11 @@ from typing import Callable
 import psutil
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gn_diffusion.config import Config, load_config
 from gn_diffusion.diffusion import draw_step, make_scheduler, objective, seeded_generator
 from gn_diffusion.ema import EMA
+from gn_diffusion.op_count import OpCounter
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
 from gn_diffusion.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, fused_without_scaler,
                                learning_rate, make_optimizer, to_device)
@@ -293,26 +293,13 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active (profiler bookkeeping ops excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != "profiler":
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def launches_per_step(contender: Contender, step: int, device: torch.device) -> dict[str, int]:
     """CUDA: kernel launch calls (a CUDA graph replay is one) and kernels run in one step, from
     torch.profiler; CPU: aten ops dispatched in one step."""
     if device.type != "cuda":
         with OpCounter() as counter:
             contender.step(step)
-        return {"aten_ops": counter.count}
+        return {"aten_ops": counter.total}
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)

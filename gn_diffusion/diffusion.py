@@ -178,7 +178,7 @@ def prediction_and_target(model, images, timesteps, noise, labels, d: DiffusionC
     (epsilon, v or x0 per d.prediction_type)."""
     tables = tables or noise_tables(d, images.device)
     signal, sigma = tables.at(timesteps)
-    noisy = signal * images + sigma * noise
+    noisy = torch.addcmul(signal * images, sigma, noise)  # signal * images + sigma * noise
     if d.prediction_type == "epsilon":
         target = noise
     elif d.prediction_type == "v_prediction":

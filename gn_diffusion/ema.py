@@ -4,8 +4,9 @@ BatchNorm's running statistics are buffers: a copy whose buffers stayed frozen a
 initial values would sample badly and make a norm ablation unfair, so every floating-point
 buffer is averaged like a parameter (integer buffers such as num_batches_tracked are copied).
 
-An update is two foreach calls over tensor lists paired once, so it costs two launches however
-many tensors the model has, and reads nothing back from the device.
+An update is a few foreach calls over tensor lists paired once (see lerp_by_tensor, and a copy
+for integer buffers), so its launches do not grow with the model's tensors, and it reads
+nothing back from the device.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything a step touches stays on the training device: batches arrive from pinned memory without
 blocking, the random draws come from a device generator, clipping uses torch's foreach norm,
-AdamW is the fused kernel (it reads no scalars back), and the EMA is two foreach calls. The loss
+AdamW is the fused kernel (it reads no scalars back), and the EMA is a few foreach calls. The loss
 stays on the device until a log step asks for it, so the only host syncs are on steps that log,
 checkpoint or sample.
 """
@@ -106,12 +106,22 @@ class TrainStep:
                           self.cfg.data.random_crop)
         with accelerator.accumulate(self.model):
             loss = objective(self.forward, images, batch["label"], draws, self.cfg, self.tables)
-            accelerator.backward(loss)
+            self._backward(loss)
             norm = self._clip_gradients() if accelerator.sync_gradients else None
             self.guard.judge(loss.detach(), norm)
             if accelerator.sync_gradients:
                 self._optimizer_step()
         return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """What accelerator.backward does for the runs we make (no DeepSpeed or Megatron): the
+        loss over the accumulation steps, through the loss scaler under fp16. Its own version
+        divides by 1 without accumulation too, which is two launches a step for nothing."""
+        steps = self.cfg.train.gradient_accumulation_steps
+        if steps > 1:
+            loss = loss / steps
+        scaler = self.accelerator.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
 
     def _optimizer_step(self) -> None:
         scaler = self.accelerator.scaler
