@@ -7,7 +7,9 @@
 # Before the call, on the development machine (the device image has no diffusers):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
-# (diffusers' own needs, huggingface_hub, safetensors and regex, are in the image: check KINDS.md)
+# (diffusers' own needs, huggingface_hub, safetensors and regex, are in the image: check KINDS.md).
+# Rehearsed on the CPU with the image's versions (Python 3.12, torch 2.11, Triton 3.6, numpy
+# 2.5, no datasets/wandb/torch-fidelity): every step starts, and the tests' CPU part passes.
 # then run `bash benchmarks/gpu_session.sh` on the device with carry [".whl"], and copy the
 # files back under benchmarks/results/ (their names carry the GPU's name).
 set -uo pipefail
@@ -32,7 +34,7 @@ step() {
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; python3 -c \
     "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >> "$LOG" 2>&1
-step tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_step_pace.py
+step tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 --dist load tests/test_kernels.py tests/test_step_pace.py
 step norm_host 40 python3 benchmarks/bench_norm_host.py --device cuda --out "$OUT"
 step group_norm 100 python3 benchmarks/bench_group_norm.py --dtypes bf16 --seconds 0.2 --out "$OUT"
 step train_step 180 python3 benchmarks/bench_train_step.py --batches 8 32 128 --compiles none reduce-overhead \

@@ -44,6 +44,8 @@ def kernels(device: Optional[torch.device] = None):
 
 @functools.cache
 def _load_kernels(interpret: bool):
+    if interpret:
+        _let_the_interpreter_index_with_one_element_arrays()
     name = f"{__package__}.triton_kernels_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
     module = importlib.util.module_from_spec(spec)
@@ -58,6 +60,25 @@ def _load_kernels(interpret: bool):
         else:
             os.environ["TRITON_INTERPRET"] = before
     return module
+
+
+def _let_the_interpreter_index_with_one_element_arrays() -> None:
+    """Triton's interpreter before 3.9 turns a tensor bound of `range` into an int with
+    int(ndarray of shape (1,)), which numpy 2.4 refuses, so every kernel with a loop fails there
+    (torch 2.11's Triton 3.6 beside numpy 2.5, say); give its tensors Triton 3.9's __index__."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if np.lib.NumpyVersion(np.__version__) < "2.4.0" or patch is None or getattr(patch, "squeezes", False):
+        return
+
+    def patch_and_squeeze(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_and_squeeze.squeezes = True
+    interpreter._patch_lang_tensor = patch_and_squeeze
 
 
 def new_output(shape_or_like, dtype=None, device=None) -> torch.Tensor:
