@@ -2,13 +2,15 @@
 
 FID's Inception weights cannot be downloaded here, so the features come from this network
 instead: it trains in seconds on a CPU and is cached under a hash of everything it depends on
-(architecture, recipe, training data), so a changed recipe never loads a stale file.
+(architecture, recipe, training data and the training code), so a changed recipe or training
+loop never loads a stale file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -142,6 +144,7 @@ def _content_hash(net: nn.Module, recipe: ClassifierRecipe, images: torch.Tensor
     h = hashlib.sha256()
     h.update(repr(net).encode())
     h.update(json.dumps(asdict(recipe), sort_keys=True).encode())
+    h.update(inspect.getsource(train_classifier).encode())
     h.update(images.numpy().tobytes())
     h.update(labels.numpy().tobytes())
     return h.hexdigest()[:16]

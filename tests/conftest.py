@@ -130,7 +130,8 @@ def shared_classifier_cache(tmp_path_factory) -> Path:
     """One digits-classifier cache for every test process of the session (pytest-xdist's workers
     share the parent of their base folders), seeded with the 8x8 classifier that training writes
     (tests/data: the file `digits_classifier` itself saved; its name holds the hash of the network,
-    recipe and data, so a change to any of them misses it and trains afresh, once, under its lock).
+    recipe, data and training code, so a change to any of them misses it and trains afresh, once,
+    under its lock).
     Training from scratch is tested on its own (test_evaluation)."""
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "classifier-cache"
