@@ -280,16 +280,21 @@ def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
     return (dx, *_parameter_grads(k, launch, sg, sgx, params, ptrs, sizes[6], present))
 
 
+def _row_grad(t: Optional[torch.Tensor], sums: torch.Tensor) -> Optional[torch.Tensor]:
+    """The buffer for the gradient of an [N, C] scale or shift: the float32 sums themselves when
+    t is float32, else a new tensor of t's dtype; None for an absent t."""
+    if t is None:
+        return None
+    return sums if t.dtype == torch.float32 else new_output(sums.shape, t.dtype, t.device)
+
+
 def _parameter_grads(k, launch: Launch, sg, sgx, params, ptrs, stride_s: int, present):
     """dweight, dbias, dscale, dshift (None where the tensor is absent) from the [N, C] float32
     sums sg, sgx. A float32 dshift is written over sg and a float32 dscale over sgx (each element
     is read, then written, by the same program): two allocations fewer per call."""
     weight, bias, scale, shift = params
     grads = [None if weight is None else new_output(weight), None if bias is None else new_output(bias),
-             None if scale is None else sgx if scale.dtype == torch.float32 else new_output(sgx.shape, scale.dtype,
-                                                                                          scale.device),
-             None if shift is None else sg if shift.dtype == torch.float32 else new_output(sg.shape, shift.dtype,
-                                                                                         shift.device)]
+             _row_grad(scale, sgx), _row_grad(shift, sg)]
     outs = [g if g is not None else sg for g in grads]  # placeholders are never written
     k.param_grads_kernel[launch.param_grid](sg, sgx, *ptrs[:3], *outs, sg.shape[0], sg.shape[1], stride_s,
                                             **kernel_options(launch, "param_grads", False, present))
