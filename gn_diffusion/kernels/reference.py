@@ -14,24 +14,47 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
     # Opening an autocast context costs host time on every call; only do it when one is active.
     outside = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
     with outside:
-        # GN is invariant to a per-group shift; subtracting each group's first element first
-        # keeps float32 statistics exact for inputs like 1e4 + 0.1 * randn (large mean, small spread).
-        h = shifted_groups(x, num_groups).reshape(x.shape)
-        if scale is None and shift is None:
-            h = F.group_norm(h, num_groups, _float(weight), _float(bias), eps)
-        else:  # GN's affine and AdaGN folded into one per-(n, c) multiply-add: one pass, not three
-            h = F.group_norm(h, num_groups, None, None, eps)
-            gamma, beta = _adagn_affine(_float(weight), _float(bias), _float(scale), _float(shift))
-            per_channel = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
-            if gamma is None:
-                h = h + beta.reshape(per_channel)
-            elif beta is None:
-                h = h * gamma.reshape(per_channel)
-            else:
-                h = torch.addcmul(beta.reshape(per_channel), h, gamma.reshape(per_channel))
+        h = _normalized(x, num_groups, weight, bias, eps, scale, shift)
         if act == "silu":
             h = F.silu(h)
     return h.to(x.dtype)
+
+
+def _normalized(x, num_groups, weight, bias, eps, scale, shift):
+    """GN(x) * (1 + scale) + shift in the accumulation dtype."""
+    acc = accumulation_dtype(x)
+    weight, bias, scale, shift = (None if t is None else t.to(acc) for t in (weight, bias, scale, shift))
+    if not x.numel():  # nothing to shift; F.group_norm's own results for empty groups, gradients included
+        return _modulated(F.group_norm(x.to(acc), num_groups, weight, bias, eps), scale, shift)
+    # GN is invariant to a per-group shift; subtracting each group's first element first
+    # keeps float32 statistics exact for inputs like 1e4 + 0.1 * randn (large mean, small spread).
+    h = shifted_groups(x, num_groups, acc).reshape(x.shape)
+    if scale is None and shift is None:
+        return F.group_norm(h, num_groups, weight, bias, eps)
+    # GN's affine and AdaGN folded into one per-(n, c) multiply-add: one pass, not three
+    h = F.group_norm(h, num_groups, None, None, eps)
+    gamma, beta = _adagn_affine(weight, bias, scale, shift)
+    if gamma is None:
+        return h + _per_channel(beta, x)
+    if beta is None:
+        return h * _per_channel(gamma, x)
+    return torch.addcmul(_per_channel(beta, x), h, _per_channel(gamma, x))
+
+
+def _modulated(h, scale, shift):
+    """h * (1 + scale) + shift, unfolded (as a caller would write it after F.group_norm)."""
+    h = h if scale is None else h * (1 + _per_channel(scale, h))
+    return h if shift is None else h + _per_channel(shift, h)
+
+
+def _per_channel(t, x):
+    """A [C] or [N, C] tensor shaped to broadcast against x (no -1: N or C may be 0)."""
+    return t.reshape(t.shape + (1,) * (x.dim() - 2))
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 statistics whatever x's dtype, except float64 for a float64 x (as F.group_norm)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _adagn_affine(weight, bias, scale, shift):
@@ -47,9 +70,9 @@ def _adagn_affine(weight, bias, scale, shift):
     return gamma, beta  # a [C] gamma or beta (no scale) broadcasts over the samples
 
 
-def shifted_groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """float32 [N, G, Cg * HW]: x minus its group's first element (a constant to autograd)."""
-    grouped = x.float().reshape(x.shape[0], num_groups, -1)
+def shifted_groups(x: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, G, Cg * HW] of `dtype`: x minus its group's first element (a constant to autograd)."""
+    grouped = x.to(dtype).reshape(x.shape[0], num_groups, -1)
     return grouped - grouped[:, :, :1].detach()
 
 
@@ -112,7 +135,3 @@ def parameter_grads(sum_dz, sum_dz_xhat, weight, bias, scale, shift):
     if shift is not None:
         dshift = sum_dz.to(shift.dtype)
     return dweight, dbias, dscale, dshift
-
-
-def _float(t):
-    return None if t is None else t.float()
