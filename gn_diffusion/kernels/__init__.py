@@ -86,10 +86,14 @@ def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scal
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu", backend="auto"):
-    """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32.
+    """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32
+    (float64 for a float64 x on the torch backend).
 
-    `act` is "silu" or None; `scale`/`shift` are optional [N, C] tensors; `backend` is
-    auto | triton | torch. The output has x's dtype (and memory format, on the Triton path).
+    x is [N, C, *spatial] of a floating dtype; weight and bias are optional [C] tensors, of x's
+    dtype or float32 (as F.group_norm takes them); `act` is "silu" or None; `scale`/`shift` are
+    optional [N, C] tensors; `backend` is auto | triton | torch. The output has x's dtype (and
+    memory format, on the Triton path). Bad arguments raise ArgumentError (a ValueError and a
+    RuntimeError) naming the argument.
     """
     check_arguments(x, weight, bias, num_groups, scale, shift, act, backend)
     return group_norm_silu_unchecked(x, weight, bias, num_groups, float(eps), scale, shift, act == "silu", backend)

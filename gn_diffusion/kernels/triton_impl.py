@@ -226,24 +226,30 @@ def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int
     would index out of its bounds is refused, here, on every call (a few shape comparisons)."""
     x, channels_last = dense_layout(x)
     launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
-    weight = _readable(weight, "weight", launch.channels, x.shape)
-    bias = _readable(bias, "bias", launch.channels, x.shape)
-    scale = _readable(scale, "scale", launch.rows, x.shape)
-    shift = _readable(shift, "shift", launch.rows, x.shape)
+    c, rows = launch.channels, launch.rows
+    if not (_fits(weight, c) and _fits(bias, c) and _fits(scale, rows) and _fits(shift, rows)):
+        weight, bias, scale, shift = _readable(x.shape, launch, weight, bias, scale, shift)
     present = (weight is not None, bias is not None, scale is not None, shift is not None)
     row_strides = (0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0))
     return (kernels(x.device), x, launch, (weight, bias, scale, shift), present,
             (*launch.sizes, *row_strides, *launch.chunking))
 
 
-def _readable(t: Optional[torch.Tensor], name: str, shape: torch.Size, x_shape) -> Optional[torch.Tensor]:
-    """t as the kernels index it: exactly `shape` ([C] or [N, C]), its last stride 1 (a weight of
-    stride 0, say, would be read past its one element); any row stride of an [N, C] tensor will do."""
-    if t is None:
-        return None
-    if t.shape != shape:
-        raise wrong_shape(name, t.shape, x_shape)
-    return t if t.stride()[-1] == 1 else t.contiguous()
+def _fits(t: Optional[torch.Tensor], shape: torch.Size) -> bool:
+    """Whether the kernels can index t as it is: exactly `shape` ([C] or [N, C]) and its last stride
+    1 (any row stride of an [N, C] tensor will do)."""
+    return t is None or (t.shape == shape and t.stride()[-1] == 1)
+
+
+def _readable(x_shape, launch: Launch, *params) -> list[Optional[torch.Tensor]]:
+    """weight, bias, scale, shift as the kernels index them: a copy of one whose last stride is
+    not 1 (a weight of stride 0 would be read past its one element); one of another shape refused."""
+    readable = []
+    for name, t, shape in zip(("weight", "bias", "scale", "shift"), params, (launch.channels,) * 2 + (launch.rows,) * 2):
+        if t is not None and t.shape != shape:
+            raise wrong_shape(name, t.shape, x_shape)
+        readable.append(t if _fits(t, shape) else t.contiguous())
+    return readable
 
 
 def _pointers(x, params) -> list[torch.Tensor]:
