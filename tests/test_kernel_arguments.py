@@ -11,11 +11,12 @@ groups).
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.testing._internal.common_methods_invocations import op_db
-from torch.testing._internal.common_modules import module_db
 
 from gn_diffusion.kernels import ArgumentError, group_norm_silu, triton_impl
 from gn_diffusion.norms import GroupNorm32
@@ -25,8 +26,28 @@ from test_kernels import device, interpreted_and_poisoned, oracle  # noqa: F401
 
 BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-GROUP_NORM = next(op for op in op_db if op.name == "nn.functional.group_norm")
-GROUP_NORM_MODULE = next(m for m in module_db if m.module_cls is torch.nn.GroupNorm)
+
+
+def torch_group_norm_infos():
+    """torch's OpInfo for F.group_norm and ModuleInfo for nn.GroupNorm, imported without the
+    process-wide state the import changes for every later test in this process: it freezes
+    torch.backends' flags (so the runtime's cudnn.benchmark would raise), sets
+    TORCHINDUCTOR_CACHE_DIR and adds warning filters."""
+    env = dict(os.environ)
+    with warnings.catch_warnings():
+        from torch.testing._internal.common_methods_invocations import op_db
+        from torch.testing._internal.common_modules import module_db
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
+    # undo disable_global_flags(): the flag lives in the globals of torch.backends' functions
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    assert not torch.backends.flags_frozen()
+    return (next(op for op in op_db if op.name == "nn.functional.group_norm"),
+            next(m for m in module_db if m.module_cls is torch.nn.GroupNorm))
+
+
+GROUP_NORM, GROUP_NORM_MODULE = torch_group_norm_infos()
 
 
 def tolerance(dtype: torch.dtype, backend: str) -> float:
