@@ -205,6 +205,11 @@ def test_mismatched_parameters_are_refused_with_a_sentence_naming_them(backend):
                 F.group_norm(x, 2, weight, bias)
         with pytest.raises(ArgumentError, match=rf"\b{name}\b"):
             group_norm_silu(x, weight, bias, 2, scale=scale, shift=shift, backend=backend)
+    for groups in (0, -2):  # 0 was a ZeroDivisionError
+        with pytest.raises(ArgumentError, match="num_groups must be at least 1"):
+            group_norm_silu(x, None, None, groups, backend=backend)
+        with pytest.raises(ArgumentError, match="num_groups must be at least 1"):
+            GroupNorm32(groups, 6, backend=backend)
     with pytest.raises(TypeError, match="num_groups must be an int"):
         group_norm_silu(x, None, None, 2.0, backend=backend)
     with pytest.raises(ArgumentError, match="act must be"):
