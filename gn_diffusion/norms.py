@@ -77,12 +77,13 @@ def modulate(h: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[tor
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are float32 whatever the input dtype (improved-diffusion's
     GroupNorm32), fused with AdaGN and SiLU; its output has the input's dtype. `backend` picks
-    the group_norm_silu implementation (auto | triton | torch)."""
+    the group_norm_silu implementation (auto | triton | torch); `bias` and `factory` (device,
+    dtype) are nn.GroupNorm's."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, bias: bool = True, **factory):
         check_layer(num_channels, num_groups, backend)  # once here, so forward checks nothing
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, bias=bias, **factory)
         self.backend = backend
 
     def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:

@@ -4,8 +4,11 @@ Backends: "torch" is the PyTorch reference (plain autograd, the fast choice on t
 is the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "auto" is Triton for CUDA
 tensors when Triton is installed, else the reference. `use_triton` is the one place that decides.
 
-Two entry points: `group_norm_silu` checks its arguments on every call (for external callers);
-layers check theirs once with `check_layer` when built and then call `group_norm_silu_unchecked`.
+Two entry points: `group_norm_silu` checks its arguments on every call as F.group_norm does (for
+external callers; see `arguments`); layers check theirs once with `check_layer` when built and
+then call `group_norm_silu_unchecked`. Either way the Triton path checks, per call, what keeps its
+kernels in bounds (see `triton_impl.prepare`), and an empty x (a zero-size dimension) is computed
+by the reference, which gives what F.group_norm gives.
 In eager mode the Triton path is a `torch.autograd.Function` (cheap on the host); under
 torch.compile it is the `gn_diffusion::group_norm_silu` custom op (one opaque graph node). Both
 run the same kernels and give the same bits.
@@ -19,13 +22,11 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from .arguments import BACKENDS, ArgumentError, check_arguments, check_backend
 from .function import GroupNormSiLUFunction
 from .ops import group_norm_silu_op
 from .reference import group_norm_silu_reference
 from .triton_impl import interpreter_enabled
-
-BACKENDS = ("auto", "triton", "torch")
-
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -65,9 +66,11 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
 def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
     """Everything a norm layer's calls would otherwise check each time, checked once when it is
     built: a known backend, channels divisible into groups, and Triton available if asked for."""
-    _check_backend(backend)
-    if num_groups < 1 or num_channels % num_groups:
-        raise ValueError(f"num_channels={num_channels} must be divisible by num_groups={num_groups}")
+    check_backend(backend)
+    if num_groups < 1:
+        raise ArgumentError(f"num_groups must be at least 1, got {num_groups}")
+    if num_channels % num_groups:
+        raise ArgumentError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
     if backend == "triton":
         require_triton()
 
@@ -75,7 +78,7 @@ def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
 def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool,
                               backend: str) -> torch.Tensor:
     """group_norm_silu without argument checks, for layers that ran `check_layer` when built."""
-    if not use_triton(backend, x):
+    if not use_triton(backend, x) or not x.numel():
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, "silu" if silu else None)
     if torch.compiler.is_compiling():
         return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, silu, True)[0]
@@ -83,32 +86,20 @@ def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scal
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu", backend="auto"):
-    """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32.
+    """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32
+    (float64 for a float64 x on the torch backend).
 
-    `act` is "silu" or None; `scale`/`shift` are optional [N, C] tensors; `backend` is
-    auto | triton | torch. The output has x's dtype (and memory format, on the Triton path).
+    x is [N, C, *spatial] of a floating dtype; weight and bias are optional [C] tensors, of x's
+    dtype or float32 (as F.group_norm takes them); `act` is "silu" or None; `scale`/`shift` are
+    optional [N, C] tensors; `backend` is auto | triton | torch. The output has x's dtype (and
+    memory format, on the Triton path). Bad arguments raise ArgumentError (a ValueError and a
+    RuntimeError) naming the argument.
     """
-    _check_arguments(x, num_groups, scale, shift, act, backend)
-    return group_norm_silu_unchecked(x, weight, bias, num_groups, eps, scale, shift, act == "silu", backend)
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-
-def _check_arguments(x, num_groups, scale, shift, act, backend) -> None:
-    _check_backend(backend)
-    if act not in ("silu", None):
-        raise ValueError(f"act must be 'silu' or None, got {act!r}")
-    if x.dim() < 2 or x.shape[1] % num_groups:
-        raise ValueError(f"x of shape {tuple(x.shape)} needs channels (dim 1) divisible by num_groups={num_groups}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"{name} must have shape [N, C] = {tuple(x.shape[:2])}, got {tuple(t.shape)}")
+    check_arguments(x, weight, bias, num_groups, scale, shift, act, backend)
+    return group_norm_silu_unchecked(x, weight, bias, num_groups, float(eps), scale, shift, act == "silu", backend)
 
 
 __all__ = [
-    "BACKENDS", "check_layer", "group_norm_silu", "group_norm_silu_reference", "group_norm_silu_unchecked",
+    "BACKENDS", "ArgumentError", "check_layer", "group_norm_silu", "group_norm_silu_reference", "group_norm_silu_unchecked",
     "require_triton", "triton_unavailable_reason", "use_triton",
 ]

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .arguments import ArgumentError, check_shape, wrong_shape
+
 # Largest tile (elements) a program processes per step: a group of up to MAX_TILE elements is
 # read in one step. The smallest tile bounds how finely the split path cuts a group.
 MAX_TILE = 2048
@@ -172,6 +174,8 @@ class Launch:
     tile: dict  # BLOCK_C, BLOCK_P, num_warps
     param_grid: tuple[int]
     param_tile: dict  # BLOCK_N, BLOCK_C of param_grads_kernel
+    channels: torch.Size  # [C]: the shape of weight and bias
+    rows: torch.Size  # [N, C]: the shape of scale and shift
     options: dict = field(default_factory=dict, compare=False)  # see kernel_options
 
 
@@ -194,6 +198,11 @@ def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool,
 @functools.lru_cache(maxsize=1024)
 def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, device: torch.device,
                chunks: Optional[int] = None) -> Launch:
+    """The launches for x of `shape`; refuses (once per shape) what the kernels cannot index."""
+    check_shape(shape, num_groups)
+    if not math.prod(shape):
+        raise ArgumentError(f"the Triton kernels need a non-empty x, got shape {tuple(shape)} "
+                            "(group_norm_silu computes an empty x with PyTorch)")
     n, c = shape[:2]
     cg, hw = c // num_groups, math.prod(shape[2:])
     strides = (hw * c, 1, c) if channels_last else (c * hw, hw, 1)
@@ -205,6 +214,7 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
         tile=dict(BLOCK_C=p.block_c, BLOCK_P=p.block_p, num_warps=p.num_warps),
         param_grid=(_cdiv(c, param_c),),
         param_tile=dict(BLOCK_N=min(_pow2(n), max(1, MAX_TILE // param_c)), BLOCK_C=param_c),
+        channels=shape[1:2], rows=shape[:2],
     )
 
 
@@ -212,17 +222,34 @@ def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int
     """Everything a forward and its backward share, worked out once per call: (kernel module,
     x in a layout the kernels read, its cached Launch, weight, bias, scale, shift as the kernels
     read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, x's three
-    strides, scale's and shift's row strides, CB, S, PPS)."""
+    strides, scale's and shift's row strides, CB, S, PPS). Whoever calls, a tensor the kernels
+    would index out of its bounds is refused, here, on every call (a few shape comparisons)."""
     x, channels_last = dense_layout(x)
     launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
-    if scale is not None and scale.stride(-1) != 1:
-        scale = scale.contiguous()
-    if shift is not None and shift.stride(-1) != 1:
-        shift = shift.contiguous()
+    c, rows = launch.channels, launch.rows
+    if not (_fits(weight, c) and _fits(bias, c) and _fits(scale, rows) and _fits(shift, rows)):
+        weight, bias, scale, shift = _readable(x.shape, launch, weight, bias, scale, shift)
     present = (weight is not None, bias is not None, scale is not None, shift is not None)
     row_strides = (0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0))
     return (kernels(x.device), x, launch, (weight, bias, scale, shift), present,
             (*launch.sizes, *row_strides, *launch.chunking))
+
+
+def _fits(t: Optional[torch.Tensor], shape: torch.Size) -> bool:
+    """Whether the kernels can index t as it is: exactly `shape` ([C] or [N, C]) and its last stride
+    1 (any row stride of an [N, C] tensor will do)."""
+    return t is None or (t.shape == shape and t.stride()[-1] == 1)
+
+
+def _readable(x_shape, launch: Launch, *params) -> list[Optional[torch.Tensor]]:
+    """weight, bias, scale, shift as the kernels index them: a copy of one whose last stride is
+    not 1 (a weight of stride 0 would be read past its one element); one of another shape refused."""
+    readable = []
+    for name, t, shape in zip(("weight", "bias", "scale", "shift"), params, (launch.channels,) * 2 + (launch.rows,) * 2):
+        if t is not None and t.shape != shape:
+            raise wrong_shape(name, t.shape, x_shape)
+        readable.append(t if _fits(t, shape) else t.contiguous())
+    return readable
 
 
 def _pointers(x, params) -> list[torch.Tensor]:
