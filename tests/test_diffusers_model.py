@@ -171,7 +171,7 @@ def test_layerwise_casting_stores_low_and_computes_high(storage, compute):
 
 
 def test_layerwise_casting_trains_under_autocast_and_shrinks_the_footprint():
-    for storage in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
+    for storage in (torch.float16, torch.float8_e4m3fn):
         model = tiny().train()
         model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
         with torch.autocast("cpu"):
@@ -191,7 +191,6 @@ def test_layerwise_casting_trains_under_autocast_and_shrinks_the_footprint():
 
 
 @pytest.mark.parametrize("offload", [dict(offload_type="block_level", num_blocks_per_group=1),
-                                     dict(offload_type="block_level", num_blocks_per_group=1, non_blocking=True),
                                      dict(offload_type="leaf_level")])
 def test_group_offloading_on_the_cpu_alone_and_with_layerwise_casting(offload):
     reference = output(tiny().eval())
