@@ -3,7 +3,7 @@ the file is whole and fits the architecture (so a bad file is a clear error, not
 
 An exported model folder is a diffusers pipeline folder, as diffusers' training scripts write it:
 
-    model_index.json      DDPMPipeline (unconditional) or GNPipeline (class-conditional)
+    model_index.json      GNDDPMPipeline (unconditional) or GNPipeline (class-conditional)
     unet/                 GNUNet: config.json + diffusion_pytorch_model.safetensors
     scheduler/            the DDPM scheduler's scheduler_config.json
     config.yaml           the run's full config (ours)

@@ -10,7 +10,8 @@ diffusers resolves a component library named in model_index.json other than its 
 ["gn_diffusion.unet", "GNUNet"]) only from modules already imported, since importing one named
 by a folder would run its code; and it looks a pipeline's _class_name up on the diffusers
 module. Importing this module does both: it imports gn_diffusion.unet, and it adds GNPipeline
-to the diffusers namespace. Nothing is read from the folder but configs and safetensors.
+and GNDDPMPipeline to the diffusers namespace. Nothing is read from the folder but configs and
+safetensors.
 """
 
 import shutil
@@ -19,7 +20,7 @@ from typing import Optional, Union
 
 import diffusers
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import Config, save_config
@@ -87,13 +88,22 @@ class GNPipeline(DiffusionPipeline):
         return labels
 
 
+class GNDDPMPipeline(DDPMPipeline):
+    """diffusers' DDPMPipeline, unchanged but for declaring that its unet may be a GNUNet:
+    DiffusionPipeline.from_pretrained checks each component against the pipeline's annotations,
+    and DDPMPipeline's (UNet2DModel only) made it warn about every unconditional export."""
+
+    def __init__(self, unet: Union[GNUNet, UNet2DModel], scheduler: SchedulerMixin):
+        super().__init__(unet=unet, scheduler=scheduler)
+
+
 def pipeline_for(model: GNUNet, cfg) -> DiffusionPipeline:
-    """What an export writes: for an unconditional model the DDPMPipeline diffusers' own
-    training script writes, for a class-conditional one a GNPipeline; both with the DDPM
-    scheduler of the run's schedule (the one training noised with)."""
+    """What an export writes: for an unconditional model a GNDDPMPipeline (the DDPMPipeline
+    diffusers' own training script writes), for a class-conditional one a GNPipeline; both with
+    the DDPM scheduler of the run's schedule (the one training noised with)."""
 
     scheduler = make_scheduler(cfg.diffusion, "ddpm")
-    cls = GNPipeline if model.config.num_classes else DDPMPipeline
+    cls = GNPipeline if model.config.num_classes else GNDDPMPipeline
     return cls(unet=model, scheduler=scheduler)
 
 
@@ -107,7 +117,8 @@ def load_pipeline(path, scheduler: Optional[str] = None, **load_options) -> GNPi
 
 
 # _get_pipeline_class looks a model_index.json's _class_name up on the diffusers module.
-setattr(diffusers, GNPipeline.__name__, GNPipeline)
+for _pipeline in (GNPipeline, GNDDPMPipeline):
+    setattr(diffusers, _pipeline.__name__, _pipeline)
 
 
 def export_model(model, cfg: Config, folder: Path) -> Path:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -93,6 +94,18 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
 
 
+class TokenConv1x1(nn.Conv2d):
+    """A 1x1 convolution applied to [B, L, C] tokens as a matmul. Its weight stays Conv2d's
+    [out, in, 1, 1], so model files are unchanged; it runs as a module call, so diffusers'
+    per-layer hooks (layerwise casting, group offloading) cast or move its weight first."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, self.weight.flatten(1), self.bias)
+
+
 @dataclass(frozen=True)
 class NormSpec:
     """Every norm layer of one U-Net: its kind, grouping (a group count, or channels per group),
@@ -149,19 +162,18 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm = norm.make(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = TokenConv1x1(channels, 3 * channels)
+        self.proj = zero_init(TokenConv1x1(channels, channels))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         # The 1x1 convolutions run as matmuls over the pixels, so q, k and v come out with the
         # head dimension contiguous: SDPA's fused (flash) kernels need that, and without it fall
         # back to the math path, which materializes the attention matrix (on the CPU as on CUDA).
         tokens = rearrange(norm_act(self.norm, x, act=False), "b c h w -> b (h w) c")
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        qkv = self.qkv(tokens)
         q, k, v = rearrange(qkv, "b l (three heads d) -> three b heads l d", three=3, heads=self.heads)
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads l d -> b l (heads d)")
-        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
-        return x + rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
+        return x + rearrange(self.proj(out), "b (h w) c -> b c h w", h=x.shape[2])
 
 
 class Downsample(nn.Module):
@@ -202,7 +214,11 @@ class UNetOutput(BaseOutput):
 
 class GNUNet(ModelMixin, ConfigMixin):
     """The U-Net. Subclasses diffusers' ModelMixin/ConfigMixin, so save_pretrained/from_pretrained
-    round-trip in safetensors and DDPMPipeline/DDIMPipeline run it unchanged."""
+    round-trip in safetensors and DDPMPipeline/DDIMPipeline run it unchanged.
+
+    Built here, each block's last layer starts at zero (every block the identity) and the output
+    conv as PyTorch initializes it, as in a diffusers model; build_unet, the project's recipe,
+    also zeroes the output conv, as DDPM does, so a new run starts by predicting zero."""
 
     _supports_gradient_checkpointing = True
     ignore_for_config = ["backend"]  # how the norms run here, not part of the model
@@ -263,7 +279,7 @@ class GNUNet(ModelMixin, ConfigMixin):
         )
         self.up = nn.ModuleList(stage(s, upsample=s.resample) for s in up)
         self.norm_out = norm_spec.make(up[-1].out_ch)
-        self.conv_out = zero_init(conv3x3(up[-1].out_ch, out_channels or in_channels))
+        self.conv_out = conv3x3(up[-1].out_ch, out_channels or in_channels)
 
     def forward(
         self,
@@ -288,8 +304,9 @@ class GNUNet(ModelMixin, ConfigMixin):
         n = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
-        dtype = self.conv_in.weight.dtype
-        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
+        # The input's dtype is the one the layers compute in (conv_in needs it to match), and,
+        # unlike a weight's, it stays that dtype under layerwise casting's fp8 storage.
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(sample.dtype))
         if self.class_embed is not None:
             if class_labels is None:  # unconditional: the null class
                 class_labels = torch.full((n,), self.config.num_classes, device=sample.device)
@@ -304,6 +321,10 @@ class GNUNet(ModelMixin, ConfigMixin):
         return block(h, emb)
 
 
+# AutoModel.from_pretrained looks a model folder's config.json _class_name up on the diffusers module.
+setattr(diffusers, GNUNet.__name__, GNUNet)
+
+
 def unet_arguments(model_cfg) -> dict:
     """GNUNet's constructor arguments from a ModelConfig: every field but the training-only ones."""
     args = dataclasses.asdict(model_cfg)
@@ -314,10 +335,12 @@ def unet_arguments(model_cfg) -> dict:
 
 def build_unet(model_cfg, runtime=None) -> GNUNet:
     """Build the U-Net of a ModelConfig (checked first) whose norms run on `runtime.backend`
-    (a RuntimeConfig; default: auto). This is where the backend setting is read."""
+    (a RuntimeConfig; default: auto), its output conv at zero (DDPM's start). This is where the
+    backend setting is read."""
     check_model_config(model_cfg)
     backend = runtime.backend if runtime is not None else "auto"
     model = GNUNet(**unet_arguments(model_cfg), backend=backend)
+    zero_init(model.conv_out)
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

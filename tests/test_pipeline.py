@@ -4,12 +4,14 @@ train.init_from's loader."""
 
 import dataclasses
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
 
 from gn_diffusion.config import save_config
 from gn_diffusion.diffusion import make_scheduler, seeded_generator
@@ -17,7 +19,7 @@ from gn_diffusion.errors import ConfigError, UserError
 from gn_diffusion.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
 from gn_diffusion.model_io import init_weights_from
 from gn_diffusion.pipeline import export_model
-from gn_diffusion.pipeline import GNPipeline, load_pipeline  # also makes GNUNet and GNPipeline findable by diffusers
+from gn_diffusion.pipeline import GNDDPMPipeline, GNPipeline, load_pipeline  # also makes them findable by diffusers
 from gn_diffusion.sampling import check_sampling, generate, load_model, model_dir, sample_main
 from gn_diffusion.unet import build_unet
 
@@ -46,6 +48,20 @@ def conditional(tmp_path_factory):
     return export_run(tmp_path_factory.mktemp("cond") / "run", "model.num_classes=10")
 
 
+@contextmanager
+def pipeline_loader_warnings():
+    """The records diffusers' pipeline loader logs (its loggers do not propagate to caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def sample_py_images(run: Path, out: Path, *overrides) -> np.ndarray:
     """sample.py's uint8 images [N, H, W, C] for the run, as written to samples.npz."""
     sample_main(str(run), [f"sample.output_dir={out}", f"sample.seed={SEED}", *overrides])
@@ -59,7 +75,7 @@ def test_the_model_folder_is_a_diffusers_pipeline_folder(unconditional, conditio
         "unet", "unet/config.json", f"unet/{WEIGHTS_FILE}"]
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["gn_diffusion.unet", "GNUNet"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
-    assert index["_class_name"] == "DDPMPipeline"
+    assert index["_class_name"] == "GNDDPMPipeline"
     assert json.loads((conditional / "model" / "model_index.json").read_text())["_class_name"] == "GNPipeline"
     assert not list(folder.parent.glob(".tmp-*")) and not list(folder.parent.glob(".old-*"))
 
@@ -67,8 +83,11 @@ def test_the_model_folder_is_a_diffusers_pipeline_folder(unconditional, conditio
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 def test_diffusers_pipeline_image_0_is_sample_py_image_0(unconditional, tmp_path, scheduler):
     ours = sample_py_images(unconditional, tmp_path / "out", f"sample.scheduler={scheduler}", "sample.num_images=2")
-    pipe = DiffusionPipeline.from_pretrained(str(unconditional / "model"))
-    assert type(pipe).__name__ == "DDPMPipeline"
+    with pipeline_loader_warnings() as warnings:
+        pipe = DiffusionPipeline.from_pretrained(str(unconditional / "model"))
+    assert type(pipe) is GNDDPMPipeline and isinstance(pipe, DDPMPipeline)
+    assert GNDDPMPipeline.__call__ is DDPMPipeline.__call__  # diffusers' own sampling loop
+    assert [r.getMessage() for r in warnings] == []  # no "Expected types for unet" about GNUNet
     if scheduler == "ddim":  # DDIMPipeline turns the saved DDPM scheduler config into DDIM's
         pipe = DDIMPipeline(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
@@ -80,8 +99,9 @@ def test_diffusers_pipeline_image_0_is_sample_py_image_0(unconditional, tmp_path
 
 
 def test_gn_pipeline_with_labels_and_guidance_is_sample_py(conditional):
-    pipe = DiffusionPipeline.from_pretrained(str(conditional / "model"))
-    assert isinstance(pipe, GNPipeline)
+    with pipeline_loader_warnings() as warnings:
+        pipe = DiffusionPipeline.from_pretrained(str(conditional / "model"))
+    assert isinstance(pipe, GNPipeline) and not warnings
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     model, cfg = load_model(conditional)
     cfg = with_sample(cfg, class_labels=[1, 2, 3], guidance_scale=2.0, seed=SEED)
