@@ -30,7 +30,7 @@ from .layout import RunLayout
 from .memory import lower_on_oom
 from .model_io import init_weights_from
 from .pipeline import export_model
-from .sampling import check_images_fit, check_sampling, every_class_once, generate
+from .sampling import check_images_fit, check_sampling, every_class_once, generate, grid_upscale
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
 from .step import TrainStep, learning_rate, make_optimizer
@@ -91,7 +91,7 @@ def make_accelerator(cfg: Config):
 def save_training_grid(ema: EMA, cfg: Config, path: Path, num_images: int) -> Path:
     images, _ = generate(ema.model, every_class_once(cfg, num_images), progress=False)
     nrow = cfg.model.num_classes or None
-    return save_grid(images, path, nrow=nrow, upscale=max(1, 128 // cfg.model.image_size))
+    return save_grid(images, path, nrow=nrow, upscale=grid_upscale(cfg.model.image_size))
 
 
 class Throughput:

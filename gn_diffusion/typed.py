@@ -219,6 +219,9 @@ def _default_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+VALUE_WIDTH = 16
+
+
 def settings_help(cls: type, sections: tuple[str, ...] = (), prefix: str = "",
                   values: tuple[str, dict[str, Any]] | None = None) -> str:
     """A table of the settings of `cls` (only keys under `sections`, when given) for --help: key,
@@ -229,7 +232,9 @@ def settings_help(cls: type, sections: tuple[str, ...] = (), prefix: str = "",
     if values is not None:
         name, tree = values
         columns.append([name, *(_default_text(_dotted(tree, r[0])) for r in rows)])
-    widths = [max(map(len, column)) for column in columns]
+    # A value column is as wide as its values up to VALUE_WIDTH; a longer value pushes its row alone.
+    widths = [max(map(len, column)) if i == 0 else min(max(map(len, column)), VALUE_WIDTH)
+              for i, column in enumerate(columns)]
     kinds = ["type: what it does", *(f"{kind}" + (f": {text}" if text else "") for _, kind, _, text in rows)]
     lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + "  " + kind
              for *cells, kind in zip(*columns, kinds)]

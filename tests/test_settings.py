@@ -58,6 +58,13 @@ def test_a_seed_out_of_range_is_one_sentence(override):
     assert f"'{key}' must be in [0, 4294967295], got" in refusal([override])
 
 
+def test_the_ablation_grids_seeds_are_bounded_too():
+    from gn_diffusion.ablation_grid import load_ablation_config
+
+    with pytest.raises(ConfigError, match=r"'grid.seeds' must be in \[0, 4294967295\], got \[0, -1\]"):
+        load_ablation_config(ROOT / "configs" / "ablation_norms.yaml", ["grid.seeds=[0, -1]"])
+
+
 def test_train_refuses_a_bad_sample_seed_before_training(tmp_path, capsys):
     assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", "sample.seed=-1"),
                          "'sample.seed' must be in [0, 4294967295], got -1.", tmp_path)
@@ -99,6 +106,18 @@ def test_a_model_too_large_to_build_names_its_width(tmp_path, capsys):
                          "ran out of memory while building the model; lower model.base_channels, model.channel_mult "
                          "or model.num_res_blocks and run the command again", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_step_out_of_memory_names_the_batch_size(tmp_path, capsys, monkeypatch):
+    from gn_diffusion.step import TrainStep
+
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, data, step: torch.empty(TOO_MUCH))  # as a huge batch
+    with pytest.raises(SystemExit) as info:
+        run_cli(script_main("train.py"), train_args(tmp_path / "out", "train.log_with=none"))
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (  # after the progress bar
+        "error: ran out of memory while training; lower train.batch_size, model.image_size or model.base_channels "
+        "and run the command again (files already written are left as they were).")
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_too_many_images_are_refused_before_any_work(run_dir, tmp_path, capsys):
@@ -205,7 +224,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
 
 
 def test_a_huge_bad_value_is_quoted_short():
-    assert len(refusal(["model.channel_mult=[" + "[1, 2], " * 2000 + "]"])) < 150  # 16 kB of YAML
+    assert len(refusal(["model.channel_mult=[" + "[1, 2], " * 500 + "]"])) < 150  # 4 kB of YAML
     assert len(refusal(["train.mixed_precision=" + "x" * 100_000])) < 150
     assert len(refusal(["train.lrr" + "r" * 100_000 + "=1"])) < 700  # the valid keys are listed
 
