@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .files import write_text_atomic
-from .typed import build_typed, non_negative, positive, seed, setting, unit_interval
+from .typed import build_typed, non_negative, positive, seed_setting, setting, unit_interval
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/digits"  # the run folder
-    seed: int = seed(0)  # weights, batches and noise all follow it
+    seed: int = seed_setting(0)  # weights, batches and noise all follow it
     batch_size: int = positive(32)  # per device
     gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
     max_steps: int = positive(4000)  # optimizer steps of the whole run
@@ -125,7 +125,7 @@ class SampleConfig:
     num_inference_steps: int = positive(50)  # denoising steps
     num_images: int = positive(64)  # images to generate
     batch_size: int = positive(64)  # images denoised at once
-    seed: int = seed(0)  # image i's noise is seeded by (seed, i)
+    seed: int = seed_setting(0)  # image i's noise is seeded by (seed, i)
     class_labels: Optional[list[int]] = None  # cycled over the images; None: unconditional
     guidance_scale: float = non_negative(1.0)  # classifier-free guidance; 1 is none (class-conditional models)
     output_dir: Optional[str] = None  # None: <run dir>/generated
@@ -138,7 +138,7 @@ class EvalConfig:
     kid_subsets: int = setting(100, low=2)  # random subsets KID is averaged over
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
-    seed: int = seed(0)  # picks the floor's real images and the KID subsets
+    seed: int = seed_setting(0)  # picks the floor's real images and the KID subsets
     extractor: Optional[str] = None  # "inception", or "module:factory"; None: the digits classifier
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
@@ -241,10 +241,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     of nested aliases expand to gigabytes (a "billion laughs"). A config never needs one."""
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise ConfigError(f"{self.source} uses a YAML alias (*{self.peek_event().anchor[:40]}, line {mark.line + 1}); "
-                              "write the value out in full.")
+        event = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        if event is not None and event.anchor in self.anchors:  # an unknown one stays PyYAML's error
+            where = f"*{event.anchor[:40]}, line {event.start_mark.line + 1}"
+            raise ConfigError(f"{self.source} uses a YAML alias ({where}); write the value out in full.")
         return super().compose_node(parent, index)
 
 

@@ -204,8 +204,8 @@ def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tenso
 
 def check_sampling(cfg: Config) -> None:
     """A ConfigError if sample.num_images cannot fit in memory, or if the scheduler cannot take
-    sample.num_inference_steps for this model's diffusion.num_train_timesteps. (Guidance is checked with the config: finite, and only on a
-    class-conditional model.)"""
+    sample.num_inference_steps for this model's diffusion.num_train_timesteps. (Guidance is
+    checked with the config: finite, and only on a class-conditional model.)"""
     check_images_fit(cfg, "sample.num_images")
     s, d = cfg.sample, cfg.diffusion
     if _takes_steps(dataclasses.astuple(d), s.scheduler, s.num_inference_steps):
@@ -309,7 +309,7 @@ def config_here(run_cfg: Config, overrides: list[str]) -> Config:
     return with_overrides(dataclasses.replace(run_cfg, runtime=RuntimeConfig()), overrides)
 
 
-def sample_config(path: str, overrides: list[str]) -> Config:
+def sample_config(path: str | Path, overrides: list[str]) -> Config:
     """The config sample.py runs with: the model's, with `sample.*` and `runtime.*` overrides."""
     check_changeable(overrides, ("sample.", "runtime."), "sample.py")
     return config_here(load_config(model_dir(path) / CONFIG_FILE), overrides)
@@ -320,14 +320,15 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
 
-    cfg = sample_config(path, overrides)
-    out = Path(cfg.sample.output_dir or RunLayout(model_dir(path).parent).generated)
+    folder = model_dir(path)
+    cfg = sample_config(folder, overrides)
+    out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     check_sampling(cfg)
     check_output_folder(out)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads)
-    model, _ = load_model(path, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
+    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     model.to(accelerator.device)
     images, labels = generate(model, cfg, accelerator=accelerator)
     if accelerator.is_main_process:

@@ -44,7 +44,7 @@ def unit_interval(default: float):  # [0, 1)
 SEED_MAX = 2**32 - 1
 
 
-def seed(default: int = 0):
+def seed_setting(default: int = 0):
     return setting(default, low=0, high=SEED_MAX)
 
 

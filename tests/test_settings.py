@@ -202,7 +202,8 @@ def test_an_out_of_memory_anywhere_else_is_one_line(capsys):
 # --- config files ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, byte", [("model:\n  base_channels: 8\n".encode("utf-16"), 0), (bytes(range(256)), 128)])
+@pytest.mark.parametrize("content, byte", [("model:\n  base_channels: 8\n".encode("utf-16"), 0),
+                                           (bytes(range(256)), 128)])
 def test_a_config_that_is_not_utf8_is_one_sentence(tmp_path, content, byte):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
@@ -218,6 +219,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
     assert refusal([], bomb) == (f"config file {bomb} uses a YAML alias (*a0, line 2); write the value out in full.")
     assert refusal(["model.channel_mult=[&x [1, 2], *x]"]) == (
         "override 'model.channel_mult' uses a YAML alias (*x, line 1); write the value out in full.")
+    assert load_config(None, ["train.output_dir=*runs"]).train.output_dir == "*runs"  # no anchor: plain text
     anchored = tmp_path / "anchor.yaml"
     anchored.write_text("model:\n  channel_mult: &m [1, 2]\n")  # an anchor alone expands nothing
     assert load_config(anchored).model.channel_mult == [1, 2]
