@@ -144,7 +144,11 @@ def test_the_memory_check_names_a_count_that_fits(run_dir):
     assert images_bytes(cfg, 1) == 8 * 8 * 4 + (8 * 16) ** 2  # float32 pixels and the 16x grid tile
 
 
-@pytest.mark.parametrize("fail", [lambda: torch.empty(TOO_MUCH), lambda: np.empty(TOO_MUCH)])
+def cuda_out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 TiB.")  # what CUDA's allocator raises
+
+
+@pytest.mark.parametrize("fail", [lambda: torch.empty(TOO_MUCH), lambda: np.empty(TOO_MUCH), cuda_out_of_memory])
 def test_an_allocation_that_fails_becomes_a_sentence_naming_the_settings(fail):
     from gn_diffusion.memory import OutOfMemory, lower_on_oom
 
