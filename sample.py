@@ -6,10 +6,10 @@ from gn_diffusion.cli import run_cli, run_settings, split_args
 def main(argv: list[str]) -> None:
     """python sample.py RUN_OR_MODEL_DIR [sample.key=value ...]
 
-    Keys: sample.scheduler (ddpm | ddim | dpm-solver++), sample.num_inference_steps,
-    sample.num_images, sample.batch_size, sample.seed, sample.class_labels=[3,7],
-    sample.guidance_scale, sample.output_dir (default <run>/generated). Writes grid.png,
-    images/<index>.png and samples.npz. Several processes: accelerate launch ... sample.py ...
+    Takes the sample.* and runtime.* keys listed below (e.g. sample.scheduler=ddpm,
+    sample.class_labels=[3,7]); with RUN_OR_MODEL_DIR before --help, beside each default is the
+    value that run would sample with. Writes grid.png, images/<index>.png and samples.npz in
+    sample.output_dir (default <run>/generated). Several processes: accelerate launch ... sample.py ...
 
     Everything is checked before the model is loaded: the step count against what the scheduler
     takes, and the output folder, which must be new, empty or hold only an earlier set of these
@@ -24,7 +24,13 @@ def main(argv: list[str]) -> None:
     sample_main(path, overrides)
 
 
-main.settings = run_settings("sample.", "runtime.")  # --help lists these keys
+def _config_of(path: str, overrides: list[str]):
+    from gn_diffusion.sampling import sample_config
+
+    return sample_config(path, overrides)
+
+
+main.settings = run_settings("sample.", "runtime.", config_of=_config_of)  # --help lists these keys
 
 if __name__ == "__main__":
     run_cli(main)

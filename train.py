@@ -6,6 +6,8 @@ Several processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proc
 
 from gn_diffusion.cli import run_cli, run_settings, split_args
 
+DEFAULT_CONFIG = "configs/digits.yaml"
+
 
 def main(argv: list[str]) -> None:
     """python train.py [CONFIG] [section.key=value ...]  (CONFIG: configs/digits.yaml)
@@ -17,11 +19,11 @@ def main(argv: list[str]) -> None:
     from gn_diffusion.config import load_config
     from gn_diffusion.training import train
 
-    path, overrides = split_args(argv, "configs/digits.yaml")
+    path, overrides = split_args(argv, DEFAULT_CONFIG)
     train(load_config(path, overrides))
 
 
-main.settings = run_settings()  # --help lists every key
+main.settings = run_settings(default_config=DEFAULT_CONFIG)  # --help lists every key, with the config's values
 
 if __name__ == "__main__":
     run_cli(main)

@@ -30,7 +30,8 @@ from .errors import UserError
 REPORT_ONLY = "--report-only"
 
 
-def ablation_settings() -> str:
+def ablation_settings(args: list[str]) -> str:
+    """--help's table of the ablation config's keys (defaults only: the config named is not read)."""
     from .ablation_grid import AblationConfig
     from .typed import settings_help
 

@@ -21,6 +21,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .norms import check_norm_name, norm_uses_groups
+from .typed import SEED_MAX
 from .unet import check_model_config
 
 LrScaling = Literal["none", "sqrt", "linear"]
@@ -36,7 +37,7 @@ class GridConfig:
     images_seen: int = positive(32000)  # training images per cell: max_steps = images_seen / images per step
     reference_batch_size: int = positive(32)  # base.train's lr, warm-up and EMA decay are meant at this batch
     lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / reference)^p, p = 0, 1/2 or 1
-    seeds: Optional[list[int]] = None  # training seeds; None: base.train.seed alone
+    seeds: Optional[list[int]] = setting(None, low=0, high=SEED_MAX)  # training seeds; None: base.train.seed alone
     # Group norm's grouping as an axis (the paper's Table 3): one group-norm row per entry of
     # either list; None for both: base.model's grouping. Norms without groups get one row.
     groups: Optional[list[int]] = setting(None, low=1)  # each a cell's model.groups

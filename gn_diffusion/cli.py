@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from .errors import UserError, file_system_sentence
+from .memory import lower_on_oom
 
 EXIT_USER_ERROR = 2
 
@@ -19,12 +22,46 @@ def split_args(argv: Sequence[str], default_config: str | None) -> tuple[str | N
     return default_config, args
 
 
-def run_settings(*sections: str) -> Callable[[], str]:
-    """--help's table of a run config's keys (those under `sections`, when given)."""
-    from .config import Config
-    from .typed import settings_help
+HELP = ("-h", "--help")
+# What sizes a command's work when nothing narrower is known (run_cli's fallback).
+SIZES = ("train.batch_size", "sample.batch_size", "model.image_size", "model.base_channels")
 
-    return lambda: settings_help(Config, sections)
+
+def run_settings(*sections: str, default_config: str | None = None,
+                 config_of: Callable[[str, list[str]], Any] | None = None) -> Callable[[list[str]], str]:
+    """--help's table of a run config's keys (those under `sections`, when given): each key's
+    default and, beside it, the value the command would run with: that of the config named
+    before --help, or else `default_config`'s (read by `config_of(path, overrides)`, by default
+    load_config; a command with neither shows the defaults alone)."""
+
+    def table(args: list[str]) -> str:
+        from .config import Config, load_config
+        from .typed import settings_help
+
+        path, overrides = split_args(args, default_config)
+        read = config_of or (load_config if default_config is not None else None)
+        if path is None or read is None:
+            return settings_help(Config, sections)
+        cfg = read(path, overrides)
+        return settings_help(Config, sections, values=(Path(path).name, cfg.to_dict()))
+
+    return table
+
+
+def help_text(main: Callable, args: list[str]) -> str:
+    """A command's --help: its docstring, then its table of keys (from the config dataclasses)."""
+    text = (main.__doc__ or "").strip()
+    settings = getattr(main, "settings", None)
+    return text + ("\n\n" + settings(args) if settings is not None else "")
+
+
+def print_help(text: str) -> None:
+    """Print `text`; a reader that stops early (| head) just ends the output."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # stdout's last buffered bytes would fail again at exit: point it at nothing instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
@@ -32,14 +69,13 @@ def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None
     a file where a folder belongs), becomes one line on stderr and exit status 2, no traceback.
     Every command goes through here, so no command needs its own try/except for the disk."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        print((main.__doc__ or "").strip())
-        settings = getattr(main, "settings", None)  # a command's table of keys, from the config dataclasses
-        if settings is not None:
-            print("\n" + settings())
-        return
+    asked = next((i for i, arg in enumerate(args) if arg in HELP), None)
     try:
-        main(args)
+        with lower_on_oom("running the command", *SIZES):
+            if asked is not None:  # inside the try: a bad config named before --help is one sentence
+                print_help(help_text(main, args[:asked]))
+            else:
+                main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .files import write_text_atomic
-from .typed import build_typed, non_negative, positive, setting, unit_interval
+from .typed import build_typed, non_negative, positive, seed_setting, setting, unit_interval
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/digits"  # the run folder
-    seed: int = 0  # weights, batches and noise all follow it
+    seed: int = seed_setting(0)  # weights, batches and noise all follow it
     batch_size: int = positive(32)  # per device
     gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
     max_steps: int = positive(4000)  # optimizer steps of the whole run
@@ -125,7 +125,7 @@ class SampleConfig:
     num_inference_steps: int = positive(50)  # denoising steps
     num_images: int = positive(64)  # images to generate
     batch_size: int = positive(64)  # images denoised at once
-    seed: int = 0  # image i's noise is seeded by (seed, i)
+    seed: int = seed_setting(0)  # image i's noise is seeded by (seed, i)
     class_labels: Optional[list[int]] = None  # cycled over the images; None: unconditional
     guidance_scale: float = non_negative(1.0)  # classifier-free guidance; 1 is none (class-conditional models)
     output_dir: Optional[str] = None  # None: <run dir>/generated
@@ -138,7 +138,7 @@ class EvalConfig:
     kid_subsets: int = setting(100, low=2)  # random subsets KID is averaged over
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
-    seed: int = 0  # picks the floor's real images and the KID subsets
+    seed: int = seed_setting(0)  # picks the floor's real images and the KID subsets
     extractor: Optional[str] = None  # "inception", or "module:factory"; None: the digits classifier
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
@@ -154,7 +154,7 @@ class RuntimeConfig:
 
     backend: Literal["auto", "triton", "torch"] = "auto"  # group_norm_silu: auto is Triton on CUDA
     cpu: bool = False  # run on the CPU even where a GPU is present
-    cpu_threads: int = non_negative(0)  # torch's CPU threads; 0 keeps torch's default (one per core)
+    cpu_threads: int = non_negative(0)  # torch's CPU threads, at most the machine's logical CPUs; 0 keeps torch's default (one per core)
     compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"  # torch.compile mode; reduce-overhead is CUDA graphs
     channels_last: bool = False  # channels_last model and batches
     deterministic: bool = True  # bit-exact resume; false allows cudnn.benchmark, TF32, autotuning
@@ -221,7 +221,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/digits.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} cannot be read); "
+                          "save it as UTF-8 YAML, e.g. a copy of configs/digits.yaml.") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -233,6 +236,28 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return move_old_keys(raw)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: an alias repeats a node without copying it, so a few hundred bytes
+    of nested aliases expand to gigabytes (a "billion laughs"). A config never needs one."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        if event is not None and event.anchor in self.anchors:  # an unknown one stays PyYAML's error
+            where = f"*{event.anchor[:40]}, line {event.start_mark.line + 1}"
+            raise ConfigError(f"{self.source} uses a YAML alias ({where}); write the value out in full.")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, source: str = "the config") -> Any:
+    """YAML text read as safe_load reads it, but refusing aliases (a ConfigError naming `source`)."""
+    loader = _NoAliasLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """(dotted key, YAML value) of `key=value`; a moved key is given its new name."""
     key, sep, text = item.partition("=")
@@ -240,7 +265,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override '{item}' is not of the form section.key=value, e.g. train.lr=1e-4.")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text, f"override '{key}'") if text.strip() else None
     except yaml.YAMLError:
         value = text  # a plain string that YAML cannot read, such as 'a: b'
     return _new_name(key), value
@@ -292,6 +317,7 @@ def validate(cfg: Config) -> None:
     if not cfg.model.channel_mult:
         raise ConfigError("'model.channel_mult' must be a non-empty list of positive integers, got [].")
     _validate_data(cfg)
+    _validate_output(cfg)
     _validate_diffusion(cfg.diffusion)
     _validate_sample(cfg)
     _validate_train(cfg.train)
@@ -329,6 +355,15 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError(f"the digits dataset is greyscale; set model.in_channels=1 (it is {cfg.model.in_channels}).")
     if cfg.model.in_channels not in (1, 3):
         raise ConfigError(f"'model.in_channels' must be 1 (grey) or 3 (RGB) for images, got {cfg.model.in_channels}.")
+
+
+def _validate_output(cfg: Config) -> None:
+    m, kind = cfg.model, cfg.diffusion.prediction_type
+    if m.out_channels is not None and m.out_channels != m.in_channels:
+        what = {"epsilon": "the noise", "v_prediction": "v", "sample": "the clean image"}[kind]
+        raise ConfigError(f"'model.out_channels' is {m.out_channels} but the model predicts {what} "
+                          f"(diffusion.prediction_type={kind}), which has model.in_channels={m.in_channels} channels; "
+                          "set model.out_channels=null (the same as in_channels).")
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:

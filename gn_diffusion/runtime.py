@@ -11,11 +11,13 @@ import torch
 
 from .config import RuntimeConfig
 from .errors import ConfigError, UserError
+from .threads import check_cpu_threads
 
 
 def check_runtime(runtime: RuntimeConfig, device: torch.device) -> None:
     """A ConfigError unless these settings can run on `device` (before anything is written).
     The backend's own check runs where the norm layers are built (kernels.check_layer)."""
+    check_cpu_threads(runtime.cpu_threads)  # on a GPU too: the same config must run on the CPU
     if runtime.compile == "reduce-overhead" and device.type != "cuda":
         raise ConfigError("runtime.compile=reduce-overhead captures CUDA graphs and needs a CUDA device; "
                           "use runtime.compile=default or none on the CPU.")

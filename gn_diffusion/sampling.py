@@ -28,7 +28,9 @@ from .errors import ConfigError, UserError
 from .files import atomic_folder, check_writable, restore_swapped
 from .images import save_grid, save_pngs, to_uint8
 from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
+from .memory import lower_on_oom
 from .model_io import exported_weights, load_weights, model_weights
+from .threads import set_cpu_threads
 from .unet import GNUNet, build_unet
 
 
@@ -144,12 +146,47 @@ def generate(model, cfg: Config, *, accelerator=None, progress: bool = True) -> 
     mine = np.array_split(np.arange(s.num_images), world)[rank].tolist()
     chunks = [mine[i: i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
     show = progress and rank == 0 and len(chunks) > 1
-    parts = [sample_batch(model, cfg, chunk, labels[chunk]) for chunk in tqdm(chunks, desc="sampling", disable=not show)]
-    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    images = torch.cat(parts) if parts else torch.empty((0, *shape))
+    # Filled batch by batch: the batches and their concatenation are never in memory together.
+    images = torch.empty((len(mine), *image_shape(cfg)))
+    with lower_on_oom("sampling", "sample.batch_size"):
+        for chunk in tqdm(chunks, desc="sampling", disable=not show):
+            images[chunk[0] - mine[0]: chunk[-1] - mine[0] + 1] = sample_batch(model, cfg, chunk, labels[chunk])
     if world > 1:
         images = _gather_slices(accelerator, images, s.num_images)
     return images, labels
+
+
+def image_shape(cfg: Config) -> tuple[int, int, int]:
+    m = cfg.model
+    return m.in_channels, m.image_size, m.image_size
+
+
+def images_bytes(cfg: Config, count: int) -> int:
+    """A lower bound of the host memory `count` generated images take until they are written:
+    float32 pixels, and their PNG grid at its upscaling (one byte per value)."""
+    channels, size, _ = image_shape(cfg)
+    upscale = grid_upscale(size)
+    return count * channels * (size * size * 4 + (size * upscale) ** 2)
+
+
+def grid_upscale(image_size: int) -> int:
+    return max(1, 128 // image_size)  # small images are enlarged to about 128 pixels
+
+
+def check_images_fit(cfg: Config, key: str) -> None:
+    """A ConfigError when the images that `key` (sample.num_images or train.sample_images) asks
+    for cannot fit in the memory available now: refused before any work, not after it."""
+    import psutil
+
+    section, name = key.split(".")
+    count = getattr(getattr(cfg, section), name)
+    need, free = images_bytes(cfg, count), psutil.virtual_memory().available
+    if need <= free:
+        return
+    most = max(1, free // images_bytes(cfg, 1))
+    raise ConfigError(f"'{key}' is {count}: {count} images of {'x'.join(map(str, image_shape(cfg)))} need at least "
+                      f"{need / 2**30:,.1f} GiB of memory until they are written, but {free / 2**30:,.1f} GiB is "
+                      f"available; set {key}={most} or fewer (more images: run again with another sample.seed).")
 
 
 def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tensor:
@@ -166,9 +203,10 @@ def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tenso
 
 
 def check_sampling(cfg: Config) -> None:
-    """A ConfigError if the scheduler cannot take sample.num_inference_steps for this model's
-    diffusion.num_train_timesteps. (Guidance is checked with the config: finite, and only on a
-    class-conditional model.)"""
+    """A ConfigError if sample.num_images cannot fit in memory, or if the scheduler cannot take
+    sample.num_inference_steps for this model's diffusion.num_train_timesteps. (Guidance is
+    checked with the config: finite, and only on a class-conditional model.)"""
+    check_images_fit(cfg, "sample.num_images")
     s, d = cfg.sample, cfg.diffusion
     if _takes_steps(dataclasses.astuple(d), s.scheduler, s.num_inference_steps):
         return
@@ -251,7 +289,7 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: str | Path)
     folder = Path(folder)
     check_output_folder(folder)
     with atomic_folder(folder) as tmp:
-        save_grid(images, tmp / "grid.png", upscale=max(1, 128 // images.shape[-1]))
+        save_grid(images, tmp / "grid.png", upscale=grid_upscale(images.shape[-1]))
         save_pngs(images, tmp / SET_IMAGES)
         np.savez_compressed(tmp / "samples.npz", images=to_uint8(images), labels=labels.numpy())
     return folder
@@ -271,19 +309,26 @@ def config_here(run_cfg: Config, overrides: list[str]) -> Config:
     return with_overrides(dataclasses.replace(run_cfg, runtime=RuntimeConfig()), overrides)
 
 
+def sample_config(path: str | Path, overrides: list[str]) -> Config:
+    """The config sample.py runs with: the model's, with `sample.*` and `runtime.*` overrides."""
+    check_changeable(overrides, ("sample.", "runtime."), "sample.py")
+    return config_here(load_config(model_dir(path) / CONFIG_FILE), overrides)
+
+
 def sample_main(path: str, overrides: list[str]) -> Path:
     """sample.py: load a run's model, apply `sample.*` overrides, generate and save. Every check
     (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
 
-    check_changeable(overrides, ("sample.", "runtime."), "sample.py")
     folder = model_dir(path)
-    cfg = config_here(load_config(folder / CONFIG_FILE), overrides)
+    cfg = sample_config(folder, overrides)
     out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     check_sampling(cfg)
     check_output_folder(out)
-    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.runtime.cpu_threads)
+    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     model.to(accelerator.device)
     images, labels = generate(model, cfg, accelerator=accelerator)
     if accelerator.is_main_process:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import from_uint8
+from .memory import lower_on_oom
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -106,7 +107,8 @@ class LazyImages(Dataset, abc.ABC):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         indices = [int(i) for i in indices]
         images, used = [], []
-        with pil_pixel_limit(self.max_pixels):  # PIL's own check, at our limit, guards a file that grew
+        # PIL's own check, at our limit, guards a file that grew; running out of memory names the limit.
+        with pil_pixel_limit(self.max_pixels), lower_on_oom("reading images", "data.max_image_pixels"):
             for i, source in zip(indices, self._sources(indices)):
                 array, j = self._decode(i, source)
                 images.append(array)

@@ -27,9 +27,10 @@ from .errors import UserError
 from .files import check_writable
 from .images import save_grid
 from .layout import RunLayout
+from .memory import lower_on_oom
 from .model_io import init_weights_from
 from .pipeline import export_model
-from .sampling import check_sampling, every_class_once, generate
+from .sampling import check_images_fit, check_sampling, every_class_once, generate, grid_upscale
 from .run_dir import claim_output_dir, flat_config, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
 from .step import TrainStep, learning_rate, make_optimizer
@@ -90,7 +91,7 @@ def make_accelerator(cfg: Config):
 def save_training_grid(ema: EMA, cfg: Config, path: Path, num_images: int) -> Path:
     images, _ = generate(ema.model, every_class_once(cfg, num_images), progress=False)
     nrow = cfg.model.num_classes or None
-    return save_grid(images, path, nrow=nrow, upscale=max(1, 128 // cfg.model.image_size))
+    return save_grid(images, path, nrow=nrow, upscale=grid_upscale(cfg.model.image_size))
 
 
 class Throughput:
@@ -138,12 +139,15 @@ def plan_run(cfg: Config) -> RunPlan:
     check_runtime(cfg.runtime, accelerator.device)
     configure_torch(cfg.runtime)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
-    model = build_unet(cfg.model, cfg.runtime)
+    with lower_on_oom("building the model", "model.base_channels", "model.channel_mult", "model.num_res_blocks"):
+        model = build_unet(cfg.model, cfg.runtime)
     if cfg.train.init_from:  # before the EMA copy is made, so it starts from these weights too
         init_weights_from(model, cfg.train.init_from)
-    dataset, _ = build_dataset(cfg)
+    with lower_on_oom("loading the data", "model.image_size"):  # the digits are upsampled in memory
+        dataset, _ = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
+    check_images_fit(cfg, "train.sample_images")  # the grids made every train.sample_every steps
     resume_from = plan_output_dir(cfg, model, accelerator.num_processes)
     check_writable(cfg.train.output_dir)
     return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from)
@@ -151,7 +155,9 @@ def plan_run(cfg: Config) -> RunPlan:
 
 def train(cfg: Config, *, progress: bool = True) -> Path:
     """Run (or resume, per train.resume) a training run; returns the output folder."""
-    return run(plan_run(cfg), progress=progress)
+    plan = plan_run(cfg)
+    with lower_on_oom("training", "train.batch_size", "model.image_size", "model.base_channels"):
+        return run(plan, progress=progress)
 
 
 @dataclass

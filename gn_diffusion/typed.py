@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import field
@@ -37,6 +38,32 @@ def unit_interval(default: float):  # [0, 1)
     return setting(default, low=0, high=1, high_open=True)
 
 
+# accelerate's set_seed seeds numpy's global generator, which takes 0 .. 2**32 - 1 (torch's
+# manual_seed takes more); seeds combined with others (diffusion.mixed_seed) come out 64-bit
+# unsigned, which torch's generators take.
+SEED_MAX = 2**32 - 1
+
+
+def seed_setting(default: int = 0):
+    return setting(default, low=0, high=SEED_MAX)
+
+
+QUOTE_LIMIT = 60  # characters of a bad value an error message shows
+
+
+def quoted(value: Any) -> str:
+    """repr(value), cut short: a huge value (a YAML alias bomb, a pasted blob) keeps the line short."""
+    return _cut(_SHORT.repr(value))
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = QUOTE_LIMIT
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= QUOTE_LIMIT + 10 else text[:QUOTE_LIMIT] + "..."
+
+
 def build_typed(cls: type, raw: Any, prefix: str) -> Any:
     """An instance of dataclass `cls` from a nested dict: unknown keys, wrong types, values
     outside a Literal's choices or a field's bounds, and non-finite numbers are ConfigErrors."""
@@ -47,7 +74,7 @@ def build_typed(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'; {_suggest(str(key), list(fields), prefix)}")
+            raise ConfigError(f"unknown key '{prefix}{_cut(str(key))}'; {_suggest(str(key), list(fields), prefix)}")
     values = {}
     for key, value in raw.items():
         kind = hints[key]
@@ -78,14 +105,14 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
             value = next((o for o in options if o in (_FALSE if not value else _TRUE)), value)
         if value not in options:
-            raise ConfigError(f"'{name}' is {value!r}; choose one of {', '.join(options)}.")
+            raise ConfigError(f"'{name}' is {quoted(value)}; choose one of {', '.join(options)}.")
         return value
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]  # 'attention_resolutions=16' means [16]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{name}' must be a list, got {value!r}.")
+            raise ConfigError(f"'{name}' must be a list, got {quoted(value)}.")
         return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
@@ -99,12 +126,12 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         number = _number(value)
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"'{name}' must be a finite number, got {value!r}.")
+                raise ConfigError(f"'{name}' must be a finite number, got {quoted(value)}.")
             return number
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"'{name}' must be {_describe(kind)}, got {value!r}.")
+    raise ConfigError(f"'{name}' must be {_describe(kind)}, got {quoted(value)}.")
 
 
 def _number(value: Any) -> float | None:
@@ -126,7 +153,7 @@ def _check_bounds(value: Any, bounds: dict | None, name: str) -> None:
         below = lo is not None and (item <= lo if bounds["low_open"] else item < lo)
         above = hi is not None and (item >= hi if bounds["high_open"] else item > hi)
         if below or above:
-            raise ConfigError(f"'{name}' must be {_describe_bounds(bounds)}, got {value}.")
+            raise ConfigError(f"'{name}' must be {_describe_bounds(bounds)}, got {quoted(value)}.")
 
 
 def _describe_bounds(b: dict) -> str:
@@ -192,10 +219,30 @@ def _default_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def settings_help(cls: type, sections: tuple[str, ...] = (), prefix: str = "") -> str:
-    """A table of the settings of `cls` (only keys under `sections`, when given) for --help."""
+VALUE_WIDTH = 16
+
+
+def settings_help(cls: type, sections: tuple[str, ...] = (), prefix: str = "",
+                  values: tuple[str, dict[str, Any]] | None = None) -> str:
+    """A table of the settings of `cls` (only keys under `sections`, when given) for --help: key,
+    default and, with `values` (a column name and a nested dict such as Config.to_dict()), the
+    value there beside the default."""
     rows = [r for r in describe_fields(cls, prefix) if not sections or r[0].startswith(sections)]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"  {key:<{width}}  {kind}, default {default}" + (f": {text}" if text else "")
-             for key, kind, default, text in rows]
-    return "settings (section.key=value):\n" + "\n".join(lines)
+    columns = [["key", *(r[0] for r in rows)], ["default", *(r[2] for r in rows)]]
+    if values is not None:
+        name, tree = values
+        columns.append([name, *(_default_text(_dotted(tree, r[0])) for r in rows)])
+    # A value column is as wide as its values up to VALUE_WIDTH; a longer value pushes its row alone.
+    widths = [max(map(len, column)) if i == 0 else min(max(map(len, column)), VALUE_WIDTH)
+              for i, column in enumerate(columns)]
+    kinds = ["type: what it does", *(f"{kind}" + (f": {text}" if text else "") for _, kind, _, text in rows)]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + "  " + kind
+             for *cells, kind in zip(*columns, kinds)]
+    shown = f"; {values[0]}: the value this command would run with" if values is not None else ""
+    return f"settings (section.key=value){shown}:\n" + "\n".join(lines)
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
