@@ -11,6 +11,7 @@ in this process but one small subprocess, with a tiny run trained once for the m
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import shutil
@@ -24,6 +25,7 @@ import torch
 
 from gn_diffusion.config import load_config, save_config
 from gn_diffusion.convert import main as convert_main
+from gn_diffusion.errors import file_system_sentence
 from gn_diffusion.images import save_grid
 from gn_diffusion.pipeline import export_model
 import gn_diffusion.sampling as sampling
@@ -136,6 +138,27 @@ def test_a_grid_or_config_on_a_full_disk_keeps_the_previous_one(trained, small_d
                    "config.yaml": (run / "config.yaml", lambda p: save_config(tiny_config(run), p))}[what]
     assert_fails_cleanly(capsys, lambda argv: write(path), [], f"the disk holding {path} is full", run)
     assert_no_temporaries(run)
+
+
+class SafetensorError(Exception):
+    """Named as safetensors' own (which its Rust module defines): the mapping goes by the name."""
+
+
+FULL_TAIL = "; free some space there (or choose a folder on another disk) and run the command again."
+
+
+@pytest.mark.parametrize("exc, sentence", [
+    (OSError(errno.ENOSPC, "No space left on device", "out"), "the disk holding out is full" + FULL_TAIL),
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "out"), "your disk quota for out is used up" + FULL_TAIL),
+    (SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"),
+     "your disk quota for the output folder is used up" + FULL_TAIL),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+     "the disk holding the output folder is full" + FULL_TAIL),
+    (SafetensorError("Error while deserializing header: HeaderTooLarge"), None),  # a bug: its traceback stays
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None),
+])
+def test_only_a_refused_write_becomes_the_disk_sentence(exc, sentence):
+    assert file_system_sentence(exc) == sentence
 
 
 # 2. The commands' own outputs: sample.py's set, convert's folders; and the real process under ulimit -f.
