@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .layout import CHECKPOINT_MODEL_FILE, EMA_FILE, STATE_FILE, RunLayout, checkpoint_step
-from .files import swap_folder
+from .files import swap_folder, writing
 from .model_io import check_weights_fit
 
 
@@ -111,23 +111,19 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
 
     layout = RunLayout(output_dir)
     final, tmp = layout.checkpoint(step), layout.partial_checkpoint(step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
+    # A full disk, however the writer reports it, is an OSError naming `final`, with `tmp` gone.
+    with writing(tmp, final):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
-    except RuntimeError as exc:  # torch's writer reports a full disk without an errno
-        if "failed writing" not in str(exc):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final} (the disk is full or cannot be written); free space "
-                        "or set another train.output_dir, then resume: the earlier checkpoints are kept.") from None
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
+                                                       "execution": execution}))
+            swap_folder(tmp, final)
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
-                                                   "execution": execution}))
-        swap_folder(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

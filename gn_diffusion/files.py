@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from .errors import library_write_errno
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -19,12 +21,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        _raise_naming(exc, path, tmp)
+        with writing(tmp, path):
+            yield tmp
+            follow_umask(tmp)
+            os.replace(tmp, path)
     finally:
-        _remove_quietly(tmp)
+        _remove_quietly(tmp)  # after an interrupt too: a file of this pid's that nothing else removes
 
 
 @contextlib.contextmanager
@@ -35,23 +37,65 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     _remove_quietly(tmp)  # a killed earlier run of this pid's
     try:
-        tmp.mkdir(parents=True)
-        yield tmp
-        swap_folder(tmp, folder)
-    except OSError as exc:
-        _raise_naming(exc, folder, tmp)
+        with writing(tmp, folder):
+            tmp.mkdir(parents=True)
+            yield tmp
+            swap_folder(tmp, folder)
     finally:
         _remove_quietly(tmp)
 
 
-def _raise_naming(exc: OSError, path: Path, tmp: Path) -> None:
-    """Re-raise `exc` naming `path` when it names our temporary `tmp` (or anything inside it) or
-    no file at all (a write() on a full disk): the user should read the path they asked for, not
-    .grid.tmp123.png."""
-    named = Path(exc.filename) if exc.filename is not None else None
-    if exc.errno is None or (named is not None and named != tmp and tmp not in named.parents):
-        raise exc
-    raise OSError(exc.errno, exc.strerror, str(path)) from exc  # OSError picks the subclass for the errno
+@contextlib.contextmanager
+def writing(tmp: Path, path: Path) -> Iterator[None]:
+    """A block that writes the temporary file or folder `tmp` on its way to `path`: when it fails,
+    `tmp` is removed and a refusal of the disk (an OSError naming `tmp`, anything in it or no file
+    at all, or a library's report of one) is raised as an OSError naming `path`, the path the
+    user asked for; run_cli turns that into its sentence. Any other failure is raised as it is.
+    An interrupt leaves `tmp` as a kill would (the next write of the same name removes it)."""
+    try:
+        yield
+    except Exception as exc:
+        _remove_quietly(tmp)
+        refused = _refusal_naming(exc, path, tmp)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+def _refusal_naming(exc: BaseException, path: Path, tmp: Path) -> OSError | None:
+    if isinstance(exc, OSError):
+        named = Path(exc.filename) if exc.filename is not None else None
+        if exc.errno is None or (named is not None and named != tmp and tmp not in named.parents):
+            return None  # a failure about another file names that file itself
+        code = exc.errno
+    else:
+        code = library_write_errno(exc)
+        if code is None:
+            return None
+    return OSError(code, os.strerror(code), str(path))  # OSError picks the subclass for the errno
+
+
+def follow_umask(path: Path) -> None:
+    """Give the file `path`, or every file in the folder `path`, the mode a plain open() would:
+    0666 less the umask. Some writers make their files through a private temporary file
+    (safetensors' 0600), which would make a model's weights unreadable to the group that reads
+    the rest of its folder."""
+    mode = 0o666 & ~_umask()
+    found = [path] if not path.is_dir() else [Path(root) / name for root, _, names in os.walk(path) for name in names]
+    for file in found:
+        if not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, briefly, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -101,6 +145,7 @@ def swap_folder(new: Path, final: Path) -> None:
     """Put the fully written folder `new` at `final`. The old `final` is moved aside to .old-<name>
     first and removed only once the new one is in place, so a crash leaves the old set (put back
     by restore_swapped) or the new one, never a mix."""
+    follow_umask(new)
     old = _aside(final)
     moved = final.exists()
     if moved:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_path
+
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 in [0, 255] -> float32 in [-1, 1], any shape."""
@@ -40,15 +42,16 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
-    """Write a PNG grid; `upscale` enlarges it (nearest) so small images can be seen."""
+    """Write a PNG grid, whole or not at all; `upscale` enlarges it (nearest) so small images can
+    be seen."""
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = _pil(grid_array(images, nrow))
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
-    img.save(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
     return path
 
 

@@ -14,7 +14,6 @@ and GNDDPMPipeline to the diffusers namespace. Nothing is read from the folder b
 safetensors.
 """
 
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -26,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .config import Config, save_config
 from .diffusion import make_scheduler
 from .layout import CONFIG_FILE
-from .files import swap_folder
+from .files import atomic_folder
 from .sampling import denoise, load_model
 from .unet import GNUNet
 
@@ -123,10 +122,9 @@ for _pipeline in (GNPipeline, GNDDPMPipeline):
 
 def export_model(model, cfg: Config, folder: Path) -> Path:
     """The pipeline folder (model_index.json, unet/, scheduler/ with the DDPM scheduler) plus the
-    run's config.yaml, written beside `folder` and renamed so a crash leaves no half export."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
-    save_config(cfg, tmp / CONFIG_FILE)
-    swap_folder(tmp, folder)
+    run's config.yaml, written beside `folder` and swapped in whole (files.atomic_folder), so a
+    crash or a full disk leaves the previous export as it was."""
+    with atomic_folder(folder) as tmp:
+        pipeline_for(model, cfg).save_pretrained(tmp, safe_serialization=True)
+        save_config(cfg, tmp / CONFIG_FILE)
     return folder

@@ -35,9 +35,14 @@ from .unet import GNUNet, build_unet
 
 
 def model_dir(path: str | Path) -> Path:
-    """The model folder of a run's output folder, or `path` itself if it is a model folder."""
+    """The model folder of a run's output folder, or `path` itself if it is a model folder. An
+    export killed between swap_folder's two renames left no model/ but the previous one, whole,
+    at .old-model: it is put back first, as a reused output folder's set is."""
     path = Path(path)
     run = RunLayout(path)
+    if not path.exists():
+        restore_swapped(path)  # a model folder named directly
+    restore_swapped(run.model)
     if (run.model / CONFIG_FILE).is_file():
         return run.model
     if (path / CONFIG_FILE).is_file() and model_weights(path) is not None:
