@@ -276,11 +276,14 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
 
+    from .run_dir import refuse_writing_into
+
     check_changeable(overrides, ("sample.", "runtime."), "sample.py")
     folder = model_dir(path)
     cfg = config_here(load_config(folder / CONFIG_FILE), overrides)
     out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     check_sampling(cfg)
+    refuse_writing_into(out, "wait for it to end, or set sample.output_dir outside that run")
     check_output_folder(out)
     model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
