@@ -55,6 +55,10 @@ def test_a_locked_run_folder_is_refused_naming_the_holder_until_it_dies(run_dir,
                              said + "wait for that process to end or set another train.output_dir.", run_dir)
         assert_fails_cleanly(capsys, "sample.py", [str(run_dir)], said + "wait for it to end", run_dir)
         assert_fails_cleanly(capsys, evaluate.main, [str(run_dir)], said + "wait for it to end, then evaluate", run_dir)
+    killed = snapshot(run_dir)  # its .lock is left behind, its pid inside
+    with pytest.raises(UserError, match="holds a run with other settings"):  # refused after taking the lock
+        plan_run(tiny_config(run_dir, "model.base_channels=32", "train.resume=auto"))
+    assert snapshot(run_dir) == killed
     plan = plan_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))  # a killed holder holds nothing
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
     with pytest.raises(UserError, match=f"is in use by process {os.getpid()},"):
