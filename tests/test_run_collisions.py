@@ -17,6 +17,7 @@ import gn_diffusion.sampling as sampling
 from gn_diffusion import evaluate
 from gn_diffusion.checkpoint import list_checkpoints
 from gn_diffusion.config import save_config
+from gn_diffusion.data import build_dataset
 from gn_diffusion.errors import UserError
 from gn_diffusion.layout import RunLayout
 from gn_diffusion.run_dir import claim_output_dir
@@ -123,6 +124,24 @@ def test_a_resume_on_other_images_is_refused_naming_how_many_changed(tmp_path, c
                              "a resume must see the same ones", out)
     image_folder(data, 8)  # as it was: the resume may go on
     plan_run(tiny_config(out, *resume)).release()
+
+
+def test_an_hf_split_is_listed_by_its_files_and_rows(tmp_path):
+    from test_data_sources import save_hf
+
+    cfg = tiny_config(tmp_path / "run", "data.dataset=hf", f"data.path={tmp_path / 'hf'}", "model.in_channels=3")
+
+    def listing(**rows):
+        shutil.rmtree(tmp_path / "hf", ignore_errors=True)
+        save_hf(tmp_path / "hf", **rows)
+        return build_dataset(cfg)[0].listing()
+
+    first = listing()
+    assert listing() == first  # the same split saved again
+    assert listing(train_rows=25).images == 25
+    with pytest.warns(UserWarning, match="skipped 1 row"):
+        same_count = listing(train_rows=25, blank=(3,))  # 24 rows with an image, as at first, but not the same rows
+    assert same_count.images == first.images and same_count != first
 
 
 # 4. Only step-<n> folders recording step n are checkpoints; rotation removes only older ones.
