@@ -211,7 +211,7 @@ def example(name: str, config: str, cfg: Config, batch: int) -> Contender:
 
 def loop_pair(threads: int, precision: str) -> tuple[Contender, Contender, Config]:
     """(whole loop, bare step) for the shrunk digits topology at batch 2, CPU, eager."""
-    out = tempfile.mkdtemp(prefix="bench-loop-")  # plan_run and start_session write nothing there
+    out = tempfile.mkdtemp(prefix="bench-loop-")  # plan_run and start_session write only the lock there
     cfg = load_config("configs/digits.yaml", TINY_DIGITS + [
         "train.batch_size=2", f"train.output_dir={out}", f"train.mixed_precision='{precision}'",
         "runtime.cpu=true", f"runtime.cpu_threads={threads}", "runtime.backend=torch", "runtime.compile=none"])

@@ -20,13 +20,40 @@ from .files import swap_folder, writing
 from .model_io import check_weights_fit
 
 
+def scan_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], list[str]]:
+    """(step, folder) of the run's checkpoints, oldest first, and a description of every other
+    step-<digits> entry. A checkpoint of step n is named as RunLayout.checkpoint names it and its
+    train_state.json records step n (or cannot be read: a damaged checkpoint, which resume_point
+    passes over); a copy or a renamed folder is none, and is neither resumed from nor deleted.
+    Temporary folders of interrupted saves are not looked at."""
+    layout = RunLayout(output_dir)
+    if not layout.checkpoints.is_dir():
+        return [], []
+    found, strays = [], []
+    for path in layout.checkpoints.iterdir():
+        step = checkpoint_step(path)
+        if step is None:
+            continue
+        why = _not_a_checkpoint(path, step, layout)
+        (strays.append(f"{path} ({why})") if why else found.append((step, path)))
+    return sorted(found), sorted(strays)
+
+
+def _not_a_checkpoint(path: Path, step: int, layout: RunLayout) -> str | None:
+    if path.name != layout.checkpoint(step).name:
+        return f"step {step} would be {layout.checkpoint(step).name}"
+    if not (path / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    try:
+        recorded = json.loads((path / STATE_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged: find_damage names the file
+    return None if recorded == step else f"its {STATE_FILE} records step {recorded}"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
-    root = RunLayout(output_dir).checkpoints
-    if not root.is_dir():
-        return []
-    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+    """The run's checkpoints (see scan_checkpoints), oldest first."""
+    return [path for _, path in scan_checkpoints(output_dir)[0]]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -90,9 +117,13 @@ def _torch_state(file: Path) -> None:
 def resume_point(output_dir: Path, model, processes: int) -> Path | None:
     """The newest complete checkpoint of a run (None if it has none yet): a damaged newer one is
     passed over with a one-line warning naming the damaged file; if every one is damaged, a
-    UserError. A checkpoint of another architecture is a UserError, not damage."""
-    found = list_checkpoints(output_dir)
-    for path in reversed(found):
+    UserError. A checkpoint of another architecture is a UserError, not damage. A step-<digits>
+    folder that is no checkpoint (scan_checkpoints) is named in a warning."""
+    found, strays = scan_checkpoints(output_dir)
+    for stray in strays:
+        print(f"warning: {stray} is not a checkpoint of this run; it is neither resumed from nor deleted.",
+              file=sys.stderr)
+    for _, path in reversed(found):
         damage = find_damage(path, model, processes)
         if damage is None:
             check_checkpoint(path, model)
@@ -124,7 +155,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
                                                        "execution": execution}))
             swap_folder(tmp, final)
     if accelerator.is_main_process:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        kept = [path for n, path in scan_checkpoints(output_dir)[0] if n <= step]  # a newer one is never removed
+        for old in kept[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .errors import UserError
 from .images import from_uint8
-from .sources import FolderImages, decode_errors, pil_pixel_limit, read_image  # noqa: F401 (read_image: re-exported)
+from .sources import DataListing, FolderImages, decode_errors, pil_pixel_limit, read_image  # noqa: F401 (read_image: re-exported)
 
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 297  # the held-out split: 1500 train + 297 held-out of 1797 images
@@ -72,6 +72,10 @@ class TensorImageDataset(Dataset):
         the training device, by the training step)."""
         index = torch.as_tensor(indices)
         return {"image": self.images[index], "label": self.labels[index]}
+
+    def listing(self) -> DataListing:
+        """The pixels and labels themselves: they are in memory."""
+        return DataListing.of(len(self), (self.images.numpy().tobytes(), self.labels.numpy().tobytes()))
 
 
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

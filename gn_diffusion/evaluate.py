@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
 
     from .evaluation import evaluator_for
     from .layout import CONFIG_FILE
+    from .run_dir import refuse_writing_into
     from .sampling import check_changeable, check_sampling, every_class_once, generate, load_model, model_dir
     from .threads import cpu_threads
 
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
     cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
     # Every check before the sampling, the long part: the report can be written, the sampling
     # settings work, the model loads and the extractor is built and scores the reference.
+    refuse_writing_into(RunLayout(run_dir).evaluation, "wait for it to end, then evaluate it")
     check_report_target(RunLayout(run_dir).evaluation)
     check_sampling(cfg)
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)

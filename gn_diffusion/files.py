@@ -197,3 +197,92 @@ def file_lock(path: str | Path, *, wait: bool = True) -> Iterator[bool]:
         finally:
             if held:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class LockTaken(Exception):
+    """Another process holds the lock; `holder` is the pid it recorded ('' when none yet)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+class HeldLock:
+    """An exclusive OS lock (flock) on a file that records the holder's pid, taken without waiting
+    by take_lock; the lock goes with the process, so a killed holder leaves none behind."""
+
+    def __init__(self, path: Path, handle, made: list[Path], before: str):
+        self.path, self._handle, self._made, self._before = path, handle, made, before
+
+    def release(self, *, undo: bool = False) -> None:
+        """Let go. With `undo` (a refused plan) leave everything as found: the lock file back as
+        it was (or removed, with the folders taking it made), so the refusal changes no byte."""
+        if self._handle.closed:
+            return
+        with contextlib.suppress(OSError):
+            if undo and self.path not in self._made:
+                self._handle.seek(0)
+                self._handle.truncate()
+                self._handle.write(self._before)
+                self._handle.flush()
+            else:  # removed while held: whoever opened it meanwhile finds it replaced and retries
+                self.path.unlink()
+        self._handle.close()
+        for folder in [p for p in self._made if p != self.path] if undo else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+
+
+def take_lock(path: str | Path) -> HeldLock:
+    """The exclusive lock on `path` (created, with its folders, if need be), holding this
+    process's pid; LockTaken naming the holder when another process has it."""
+    import fcntl
+
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise LockTaken(holder) from None
+        if _same_file(handle, path):
+            break
+        handle.close()  # the holder removed it as we opened it: lock the file now there
+    handle.seek(0)
+    before = handle.read()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return HeldLock(path, handle, made, before)
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """The pid recorded by the process holding the lock on `path` ('' when none yet), or None
+    when no process holds it. Creates and changes nothing."""
+    import fcntl
+
+    try:
+        handle = open(path)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

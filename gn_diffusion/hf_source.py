@@ -17,16 +17,22 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .sources import LazyImages, decode_errors, pil_pixel_limit, read_image
+from .sources import DataListing, LazyImages, decode_errors, pil_pixel_limit, read_image
 
 
 class HFImages(LazyImages):
-    """Rows `rows` of a datasets.Dataset whose `column` holds undecoded images ({bytes, path})."""
+    """Rows `rows` of a datasets.Dataset whose `column` holds undecoded images ({bytes, path});
+    `fingerprint` is the split's as datasets computes it from its files."""
 
     def __init__(self, table, column: str, rows: np.ndarray, labels: torch.Tensor, where: str,
-                 image_size: int, channels: int, max_pixels: int):
+                 image_size: int, channels: int, max_pixels: int, fingerprint: str = ""):
         super().__init__(labels, image_size, channels, max_pixels)
         self.table, self.column, self.rows, self.where = table, column, rows, where
+        self.fingerprint = fingerprint
+
+    def listing(self) -> DataListing:
+        """The split's fingerprint and the rows used: other data files or other rows change it."""
+        return DataListing.of(len(self), (self.fingerprint.encode(), self.rows.tobytes()))
 
     def _sources(self, indices: Sequence[int]) -> list[Any]:
         cells = self.table[self.rows[np.asarray(indices, dtype=np.int64)].tolist()][self.column]
@@ -151,6 +157,7 @@ def hf_source(d, image_size: int, channels: int, use_labels: bool, split: Option
 
     split = split or d.split
     table = open_split(d.path, split, key, whole_ok)
+    fingerprint = table._fingerprint
     column = image_column(table.features, d.image_column, d.path)
     labels, num_classes = None, 0
     if use_labels:
@@ -168,7 +175,7 @@ def hf_source(d, image_size: int, channels: int, use_labels: bool, split: Option
                       f"{' or a label' * use_labels}.", stacklevel=2)
     table = table.select_columns([column]).cast_column(column, datasets.Image(decode=False))
     kept = torch.from_numpy(labels[rows]) if labels is not None else torch.full((len(rows),), -1, dtype=torch.int64)
-    source = HFImages(table, column, rows, kept, where, image_size, channels, d.max_image_pixels)
+    source = HFImages(table, column, rows, kept, where, image_size, channels, d.max_image_pixels, fingerprint)
     _check_first(source)
     return source, num_classes
 

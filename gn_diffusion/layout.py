@@ -1,6 +1,8 @@
 """Every path in a run folder, named in one place.
 
     <output_dir>/config.yaml                 the run's full config
+    <output_dir>/data.json                   the training images' count and digest, for resume
+    <output_dir>/.lock                       held by the process writing the run (its pid inside)
     <output_dir>/checkpoints/step-N/         accelerate state + ema.safetensors + train_state.json
     <output_dir>/model/                      the exported EMA model: a diffusers pipeline folder
     <output_dir>/samples/step-N.png, final.png
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"
+LOCK_FILE = ".lock"
 # In a checkpoint folder: accelerate's name for the first prepared model, our EMA and step files.
 CHECKPOINT_MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -43,6 +47,14 @@ class RunLayout:
         return self.root / CONFIG_FILE
 
     @property
+    def data_listing(self) -> Path:
+        return self.root / DATA_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -67,9 +79,14 @@ class RunLayout:
         return self.root / "evaluation.json"
 
     @property
+    def run_folders(self) -> tuple[Path, ...]:
+        """The folders a training run writes into."""
+        return (self.checkpoints, self.model, self.samples, self.logs)
+
+    @property
     def run_files(self) -> tuple[Path, ...]:
         """What a training run writes: what train.overwrite=true deletes, and nothing else."""
-        return (self.config, self.checkpoints, self.model, self.samples, self.logs)
+        return (self.config, self.data_listing, *self.run_folders)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
@@ -80,10 +97,11 @@ class RunLayout:
 
     def grid(self, step: int | None = None) -> Path:
         """The training grid at `step`, or the final one."""
-        return self.samples / ("final.png" if step is None else f"step-{step:07d}.png")
+        return self.samples / ("final.png" if step is None else f"step-{step}.png")  # named as checkpoints are
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """N of a checkpoints/step-N folder, or None for any other name."""
+    """N of a checkpoints/step-N folder, or None for any other name (step-0099 gives 99: a name
+    that RunLayout.checkpoint does not write, which checkpoint.scan_checkpoints sets apart)."""
     match = _STEP_DIR.fullmatch(path.name)
     return int(match.group(1)) if match else None

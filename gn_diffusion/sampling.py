@@ -325,10 +325,13 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
 
+    from .run_dir import refuse_writing_into
+
     folder = model_dir(path)
     cfg = sample_config(folder, overrides)
     out = Path(cfg.sample.output_dir or RunLayout(folder.parent).generated)
     check_sampling(cfg)
+    refuse_writing_into(out, "wait for it to end, or set sample.output_dir outside that run")
     check_output_folder(out)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     if accelerator.device.type == "cpu":

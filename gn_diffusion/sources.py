@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import io
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +26,23 @@ from torch.utils.data import Dataset
 
 from .images import from_uint8
 from .memory import lower_on_oom
+
+
+@dataclass(frozen=True)
+class DataListing:
+    """Which images a run trains on, in brief: their count and a digest of what identifies them
+    (a folder's file names and sizes, an hf split's fingerprint and rows, in-memory pixels). A
+    run records it at its start, so a resume can tell that the data changed underneath it."""
+
+    images: int
+    digest: str
+
+    @classmethod
+    def of(cls, images: int, parts: Iterable[bytes]) -> "DataListing":
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return cls(images, digest.hexdigest())
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -152,6 +171,11 @@ class FolderImages(LazyImages):
 
     def _path(self, i: int) -> Path:
         return self.root / os.fsdecode(self.files[i])
+
+    def listing(self) -> DataListing:
+        """Names and sizes: a file added, removed, renamed or rewritten changes it."""
+        return DataListing.of(len(self), (b"%s\0%d\n" % (name, self._path(i).stat().st_size)
+                                          for i, name in enumerate(self.files)))
 
     def _sources(self, indices: Sequence[int]) -> list[Path]:
         return [self._path(i) for i in indices]

@@ -24,15 +24,16 @@ from .data import build_dataset, collate_batch
 from .diffusion import seeded_generator
 from .ema import EMA
 from .errors import UserError
-from .files import check_writable
+from .files import HeldLock, check_writable
 from .images import save_grid
 from .layout import RunLayout
 from .memory import lower_on_oom
 from .model_io import init_weights_from
 from .pipeline import export_model
 from .sampling import check_images_fit, check_sampling, every_class_once, generate, grid_upscale
-from .run_dir import claim_output_dir, flat_config, plan_output_dir
+from .run_dir import check_output_path, claim_output_dir, flat_config, hold_output_dir, plan_output_dir
 from .runtime import check_runtime, compile_failure, compile_model, configure_torch, execution_record, memory_format, resume_note
+from .sources import DataListing
 from .step import TrainStep, learning_rate, make_optimizer
 from .threads import set_cpu_threads
 from .tracking import check_tracker, log_grid, log_with, start_trackers
@@ -117,7 +118,7 @@ class Throughput:
 @dataclass
 class RunPlan:
     """A checked run: its config, folder, accelerator, model, data and the checkpoint to resume
-    from. Making it writes nothing."""
+    from, and the folder's lock (the main process's). Making it writes nothing but the lock."""
 
     cfg: Config
     layout: RunLayout
@@ -125,14 +126,22 @@ class RunPlan:
     model: GNUNet
     dataset: Dataset
     resume_from: Optional[Path]
+    listing: Optional[DataListing] = None
+    lock: Optional[HeldLock] = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def plan_run(cfg: Config) -> RunPlan:
     """Every check a run can fail (hardware, runtime settings, model, data, batch against data,
-    output folder and checkpoint) before anything is written."""
+    output folder and checkpoint) before anything is written; the folder's lock is taken before
+    the folder is read, and given back untouched when a check fails after it."""
     from accelerate.utils import set_seed
 
     check_tracker(cfg)
+    check_output_path(cfg)
     accelerator = make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.runtime.cpu_threads)
@@ -148,9 +157,16 @@ def plan_run(cfg: Config) -> RunPlan:
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
     check_images_fit(cfg, "train.sample_images")  # the grids made every train.sample_every steps
-    resume_from = plan_output_dir(cfg, model, accelerator.num_processes)
     check_writable(cfg.train.output_dir)
-    return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from)
+    listing = dataset.listing()
+    lock = hold_output_dir(Path(cfg.train.output_dir), accelerator)
+    try:
+        resume_from = plan_output_dir(cfg, model, accelerator.num_processes, listing)
+    except BaseException:
+        if lock is not None:
+            lock.release(undo=True)
+        raise
+    return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from, listing, lock)
 
 
 def train(cfg: Config, *, progress: bool = True) -> Path:
@@ -192,14 +208,22 @@ def start_session(plan: RunPlan) -> Session:
 
 
 def run(plan: RunPlan, *, progress: bool = True) -> Path:
-    """Claim the run folder, then train, checkpoint, sample and export as the plan says."""
+    """Claim the run folder, then train, checkpoint, sample and export as the plan says; the
+    folder's lock is let go at the end, however the run ends."""
+    try:
+        return run_session(plan, progress)
+    finally:
+        plan.release()
+
+
+def run_session(plan: RunPlan, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     cfg, layout, accelerator = plan.cfg, plan.layout, plan.accelerator
     t = cfg.train
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        claim_output_dir(cfg)
+        claim_output_dir(cfg, plan.listing, fresh=plan.resume_from is None)
     accelerator.wait_for_everyone()
     session = start_session(plan)
     ema, step = session.step.ema, session.steps_done

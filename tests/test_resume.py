@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from accelerate.state import PartialState
 
 from gn_diffusion.checkpoint import latest_checkpoint
-from gn_diffusion.training import train
+from gn_diffusion.errors import UserError
+from gn_diffusion.files import take_lock
+from gn_diffusion.training import plan_run, train
 from conftest import in_each_process, launch_two_processes, tiny_config
 
 # Dropout, flips, label dropout and accumulation all draw randomness that must resume exactly.
@@ -57,6 +60,15 @@ def _stop_then_resume_on_two_processes(tmp: str):
     run(tmp / "full", SYNCED, "train.max_steps=4")
     run(tmp / "split", SYNCED, "train.max_steps=2")
     run(tmp / "split", SYNCED, "train.max_steps=4", "train.resume=auto")
+    # The main process alone holds the folder's lock, and its refusal is every process's.
+    state = PartialState()
+    held = take_lock(tmp / "split" / ".lock") if state.is_main_process else None
+    state.wait_for_everyone()
+    holder = (tmp / "split" / ".lock").read_text().strip()
+    with pytest.raises(UserError, match=f"is in use by process {holder}, "):
+        plan_run(tiny_config(tmp / "split", *STRESS, SYNCED, "train.max_steps=6", "train.resume=auto"))
+    if held is not None:
+        held.release()
 
 
 def test_resume_is_exact_with_two_processes_and_synchronised_batch_norm(tmp_path):
