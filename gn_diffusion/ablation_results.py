@@ -65,6 +65,7 @@ class CellResult:
 
 COLUMNS = [f.name for f in dataclasses.fields(CellResult)]
 REQUIRED = [f.name for f in dataclasses.fields(CellResult) if f.default is dataclasses.MISSING]
+KINDS = typing.get_type_hints(CellResult)  # each column's type: str, int, float, or Optional of a number
 
 
 def results_csv(rows: list[CellResult]) -> str:
@@ -119,9 +120,8 @@ def _result(header: list[str], fields: list[str], where: str) -> CellResult:
     if len(fields) != len(header):
         raise UserError(f"{where}: the row has {len(fields)} fields where the header names {len(header)}; "
                         "fix or delete that line.")
-    hints = typing.get_type_hints(CellResult)
-    return CellResult(**{name: _value(text, hints[name], name, where)
-                         for name, text in zip(header, fields) if name in hints})
+    return CellResult(**{name: _value(text, KINDS[name], name, where)
+                         for name, text in zip(header, fields) if name in KINDS})
 
 
 def _value(text: str, kind: Any, name: str, where: str) -> Any:
