@@ -64,13 +64,12 @@ def take_report_only(argv: list[str]) -> tuple[list[str], bool, Optional[str]]:
     """(the arguments without `--report-only [FOLDER]`, whether it was given, FOLDER or None)."""
     if REPORT_ONLY not in argv:
         return list(argv), False, None
+    if argv.count(REPORT_ONLY) > 1:  # before FOLDER is taken: the second would be read as the folder
+        raise UserError(f"{REPORT_ONLY} is given twice; give it once, optionally followed by the results folder.")
     i = argv.index(REPORT_ONLY)
     following = argv[i + 1] if i + 1 < len(argv) else None
     folder = following if following is not None and "=" not in following else None
-    rest = argv[:i] + argv[i + (2 if folder else 1):]
-    if REPORT_ONLY in rest:
-        raise UserError(f"{REPORT_ONLY} is given twice; give it once, optionally followed by the results folder.")
-    return rest, True, folder
+    return argv[:i] + argv[i + (2 if folder else 1):], True, folder
 
 
 main.__doc__ = __doc__  # --help prints the module's usage

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .ablation_grid import Cell
+from .errors import UserError
 
 NAN = math.nan
 
@@ -58,31 +59,86 @@ class CellResult:
     def from_json(cls, text: str) -> "CellResult":
         return cls(**json.loads(text))
 
-    @classmethod
-    def from_csv_row(cls, row: dict[str, str]) -> "CellResult":
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: _parse(row[f.name], hints[f.name]) for f in dataclasses.fields(cls) if f.name in row})
-
-
-def _parse(text: str, kind: Any) -> Any:
-    if kind is str:
-        return text
-    if text == "":
-        return None
-    return int(text) if kind in (int, Optional[int]) else float(text)
-
 
 # ---------------------------------------------------------------------------------------------
 # csv
 
+COLUMNS = [f.name for f in dataclasses.fields(CellResult)]
+REQUIRED = [f.name for f in dataclasses.fields(CellResult) if f.default is dataclasses.MISSING]
+KINDS = typing.get_type_hints(CellResult)  # each column's type: str, int, float, or Optional of a number
+
 
 def results_csv(rows: list[CellResult]) -> str:
-    return csv_text([f.name for f in dataclasses.fields(CellResult)], [dataclasses.asdict(r) for r in rows])
+    return csv_text(COLUMNS, [dataclasses.asdict(r) for r in rows])
 
 
 def read_results_csv(path: Path) -> list[CellResult]:
-    with open(path, newline="") as f:
-        return [CellResult.from_csv_row(row) for row in csv.DictReader(f)]
+    """The rows of a results.csv (a hand-edited one too): a line that is not text, a short or
+    long row, a value of the wrong type or a cell given twice is a UserError naming path:line."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        return []
+    _check_header(header, f"{path}:1")
+    rows: list[CellResult] = []
+    first_line: dict[Cell, int] = {}
+    line = reader.line_num + 1
+    for fields in reader:
+        where = f"{path}:{line}"
+        if fields:  # a blank line holds no row
+            result = _result(header, fields, where)
+            if result.cell in first_line:
+                raise UserError(f"{where}: the cell {result.cell.name} (the same norm, grouping, batch size and seed) "
+                                f"is on line {first_line[result.cell]} too; delete one of the two lines.")
+            first_line[result.cell] = line
+            rows.append(result)
+        line = reader.line_num + 1
+    return rows
+
+
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: byte {data[exc.start]:#04x} is not text (results.csv is UTF-8 text); "
+                        "fix or delete that line.") from None
+
+
+def _check_header(header: list[str], where: str) -> None:
+    """Every column a result needs, each once (a column of no field, e.g. an older result's, is
+    read past)."""
+    twice = [c for c in header if header.count(c) > 1]
+    missing = [c for c in REQUIRED if c not in header]
+    if twice or missing:
+        problem = f"names the column {twice[0][:40]!r} twice" if twice else f"lacks the column {missing[0]}"
+        raise UserError(f"{where}: the header {problem}; fix the header (its columns: {', '.join(COLUMNS)}).")
+
+
+def _result(header: list[str], fields: list[str], where: str) -> CellResult:
+    if len(fields) != len(header):
+        raise UserError(f"{where}: the row has {len(fields)} fields where the header names {len(header)}; "
+                        "fix or delete that line.")
+    return CellResult(**{name: _value(text, KINDS[name], name, where)
+                         for name, text in zip(header, fields) if name in KINDS})
+
+
+def _value(text: str, kind: Any, name: str, where: str) -> Any:
+    """One field's value: its text, a number, or None (an empty field where the column allows it)."""
+    if kind is str:
+        if not text.isprintable():
+            raise UserError(f"{where}: {name} is {text[:40]!r}, which holds characters that are not text; "
+                            "fix or delete that line.")
+        return text
+    if text == "" and kind in (Optional[int], Optional[float]):
+        return None
+    number = int if kind in (int, Optional[int]) else float
+    try:
+        return number(text)
+    except ValueError:
+        raise UserError(f"{where}: {name} is {text[:40]!r}, not {'an integer' if number is int else 'a number'}; "
+                        "fix or delete that line.") from None
 
 
 def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
         evaluator = evaluator_for(cfg)
         images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
                                   accelerator=accelerator)
-        report = evaluator.report(images, labels)
+        report = evaluator.report(images, labels, made_by=f"the model {model_dir(run_dir)}")
     if accelerator.is_main_process:
         save_report(run_dir, cfg, report)
 

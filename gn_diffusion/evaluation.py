@@ -153,8 +153,11 @@ class Evaluator:
             self._floors[key] = self.score(self.floor_images[pick], labels)
         return self._floors[key]
 
-    def report(self, images: torch.Tensor, requested: Optional[torch.Tensor] = None) -> Report:
-        """Scores of `images` (with their requested classes, -1 for none) beside the floor."""
+    def report(self, images: torch.Tensor, requested: Optional[torch.Tensor] = None,
+               made_by: str = "the model") -> Report:
+        """Scores of `images` (with their requested classes, -1 for none) beside the floor;
+        `made_by` names the model that generated them, blamed if they are not finite."""
+        check_samples_finite(images, made_by)
         conditional = requested is not None and bool((requested >= 0).any())
         return Report(
             samples=self.score(images, requested if conditional else None),
@@ -166,8 +169,8 @@ class Evaluator:
     def _features(self, images: torch.Tensor) -> np.ndarray:
         features = torch.as_tensor(self.extractor(images)).detach().cpu().double().reshape(len(images), -1)
         if not torch.isfinite(features).all():
-            raise UserError(f"the feature extractor {self.name} returned NaN or infinite features; "
-                            "check the images are finite and in [-1, 1].")
+            raise UserError(f"the feature extractor {self.name} returned NaN or infinite features of finite images; "
+                            "fix it or choose another (eval.extractor).")
         return features.numpy()
 
     def _add_class_scores(self, scores: Scores, images: torch.Tensor, requested: Optional[torch.Tensor]) -> None:
@@ -181,6 +184,16 @@ class Evaluator:
             keep = requested >= 0
             scores.class_accuracy = per_class_accuracy(predicted[keep], requested[keep], k)
             scores.accuracy = float(np.mean(list(scores.class_accuracy.values())))
+
+
+def check_samples_finite(images: torch.Tensor, made_by: str) -> None:
+    """Refuse generated images with a NaN or an infinity, naming the model that made them: with its
+    weights checked finite on loading (model_io.load_weights), its sampling overflowed."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:
+        raise UserError(f"{made_by} generated {bad} of {len(images)} images with NaN or infinite pixels, which cannot "
+                        "be scored (the model is at fault, not the feature extractor: its sampling overflows); "
+                        "retrain it (a lower train.lr, or train.grad_clip) and evaluate again.")
 
 
 def digits_evaluator(image_size: int, settings: EvalConfig = EvalConfig(),

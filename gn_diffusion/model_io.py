@@ -1,5 +1,6 @@
 """Model files: export a trained model, and load safetensors weights only after checking that
-the file is whole and fits the architecture (so a bad file is a clear error, not a traceback).
+the file is whole, fits the architecture and holds finite numbers (so a bad file is a clear
+error, not a traceback or black images).
 
 An exported model folder is a diffusers pipeline folder, as diffusers' training scripts write it:
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -69,11 +71,24 @@ def check_weights_fit(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load checked safetensors weights into `model`."""
+    """Load safetensors weights into `model`, checked first to be whole, of its architecture and
+    finite: the one loader of sampling, evaluation and train.init_from, so a model with a NaN
+    weight is refused by name before any folder is touched, not sampled into black images."""
     from safetensors.torch import load_file
 
     check_weights_fit(model, path)
-    model.load_state_dict(load_file(path, device="cpu"))
+    tensors = load_file(path, device="cpu")
+    check_weights_finite(tensors, path)
+    model.load_state_dict(tensors)
+
+
+def check_weights_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise a UserError naming the first tensor of `path` that holds a NaN or an infinity."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        others = f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else ""
+        raise UserError(f"{path} holds non-finite weights (NaN or infinite values in '{bad[0]}'{others}); the model "
+                        "diverged or the file is damaged: use another model or checkpoint, or retrain it.")
 
 
 def model_weights(folder: Path) -> Path | None:
@@ -98,7 +113,7 @@ def init_weights_from(model: nn.Module, path: str | Path) -> Path:
     """Load into `model` the weights at `path` (train.init_from): an exported model folder of
     either layout, a run's output folder (its model/), or a training checkpoint folder (its raw,
     not EMA, weights: what the optimizer was training). The file is checked to be whole and of
-    this architecture first, and never unpickled. Returns the file read."""
+    this architecture and finite first, and never unpickled. Returns the file read."""
     path = Path(path)
     checkpoint = path / CHECKPOINT_MODEL_FILE
     weights = (checkpoint if checkpoint.is_file() and (path / STATE_FILE).is_file()

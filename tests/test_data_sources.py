@@ -1,11 +1,9 @@
 """Lazy data sources: a Hugging Face `datasets` split and an image folder, decoded as they are
-fetched; exact resume and per-rank slicing on both; random crops from the step's draws; and the
-CIFAR-10 archive converter. Every data set here is built by the test (nothing is downloaded)."""
+fetched; exact resume and per-rank slicing on both; and random crops from the step's draws.
+Every data set here is built by the test (nothing is downloaded)."""
 
 import io
-import tarfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +11,6 @@ from torch.utils.data import DataLoader
 
 import gn_diffusion.hf_source as hf_source
 import gn_diffusion.sources as sources
-from gn_diffusion import convert
 from gn_diffusion.config import ConfigError
 from gn_diffusion.data import build_dataset, collate_batch, folder_source
 from gn_diffusion.diffusion import draw_step, random_crop, seeded_generator
@@ -212,72 +209,3 @@ def test_random_crop_shifts_each_image_by_its_drawn_offset_with_mirrored_borders
     torch._dynamo.reset()
     with pytest.raises(ConfigError, match="data.random_crop"):
         tiny_config("unused", "data.random_crop=8")
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m gn_diffusion.convert cifar10 ARCHIVE OUT
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def cifar_records(labels, seed):
-    """CIFAR-10 binary records: a label byte, then the R, G and B 32x32 planes."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
-    data = b"".join(bytes([label]) + plane.tobytes() for label, plane in zip(labels, pixels))
-    return data, pixels
-
-
-def cifar_archive(path, skip=(), damage=()):
-    """A small cifar-10-binary.tar.gz: 3 records per training batch, 4 test records."""
-    members, truth = {"batches.meta.txt": ("\n".join(CLASSES) + "\n\n").encode()}, {}
-    for k in range(1, 6):
-        members[f"data_batch_{k}.bin"], truth[k] = cifar_records([k, k + 1, (k + 5) % 10], seed=k)  # every class
-    members["test_batch.bin"], truth["test"] = cifar_records([9, 3, 3, 1], seed=9)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            if name in skip:
-                continue
-            data = data[:-5] if name in damage else data
-            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path, truth
-
-
-def test_convert_writes_the_cifar10_folders_the_config_reads(tmp_path, capsys):
-    archive, truth = cifar_archive(tmp_path / "cifar-10-binary.tar.gz")
-    convert.main(["cifar10", str(archive), str(tmp_path / "out")])
-    assert "out/train: 15 images" in capsys.readouterr().out
-    train_dir, test_dir = tmp_path / "out" / "train", tmp_path / "out" / "test"
-    assert sorted(p.name for p in train_dir.iterdir()) == CLASSES
-    assert sorted(p.name for p in (train_dir / "bird").iterdir()) == ["1-00001.png", "2-00000.png"]
-    assert sorted(p.name for p in (test_dir / "cat").iterdir()) == ["00001.png", "00002.png"]
-    image = np.asarray(Image.open(train_dir / "bird" / "1-00001.png"))
-    assert np.array_equal(image, truth[1][1].transpose(1, 2, 0))  # planar RGB -> HWC, exactly
-    cfg = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={train_dir}", "model.image_size=32",
-                      *RGB, "data.class_labels=true", "model.num_classes=10")
-    dataset, classes = build_dataset(cfg)
-    assert classes == 10 and len(dataset) == 15
-    batch = dataset.__getitems__(range(15))
-    first_bird = [i for i in range(15) if batch["label"][i] == 2][0]
-    assert torch.equal(batch["image"][first_bird], torch.from_numpy(truth[1][1]))  # 32x32: no resampling
-
-
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("not_an_archive", "is not a readable .tar.gz archive"),
-    ("no_test_batch", "lacks test_batch.bin"),
-    ("truncated_batch", "not a whole number of 3073-byte records"),
-    ("taken", "out/train already exists"),
-])
-def test_convert_refuses_a_bad_archive_in_one_sentence(tmp_path, capsys, case, message):
-    archive = tmp_path / "cifar-10-binary.tar.gz"
-    if case == "not_an_archive":
-        archive.write_bytes(b"\x1f\x8b not really gzip")
-    elif case != "missing":
-        cifar_archive(archive, skip={"no_test_batch": ("test_batch.bin",)}.get(case, ()),
-                      damage={"truncated_batch": ("data_batch_3.bin",)}.get(case, ()))
-    if case == "taken":
-        (tmp_path / "out" / "train").mkdir(parents=True)
-    assert_fails_cleanly(capsys, convert.main, ["cifar10", str(archive), str(tmp_path / "out")], message, tmp_path)
-    assert not (tmp_path / "out" / "test").exists()
