@@ -33,7 +33,7 @@ from gn_diffusion.sampling import load_model
 from gn_diffusion.training import train
 
 from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config
-from test_data_sources import cifar_archive
+from test_convert import cifar_archive, small_batches  # noqa: F401 (small_batches: the converter's batch size for those archives)
 
 UMASK = 0o027  # neither the default 022 nor safetensors' private 0600: a mode that follows it shows
 NO_LOGS = "train.log_with=none"
