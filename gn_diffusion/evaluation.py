@@ -97,6 +97,7 @@ class Report:
         rows = [
             ("Frechet distance", s.frechet, f.frechet, "{:.3f}"),
             ("KID x 1e3", 1e3 * s.kid, 1e3 * f.kid, "{:.3f}"),
+            ("  std over KID subsets x 1e3", 1e3 * s.kid_std, 1e3 * f.kid_std, "{:.1f}"),  # often larger than KID itself
             ("class coverage", s.coverage, f.coverage, "{:.2f}"),
             ("KL(classes || uniform)", s.kl_uniform, f.kl_uniform, "{:.4f}"),
             ("accuracy on requested class", s.accuracy, f.accuracy, "{:.3f}"),

@@ -126,6 +126,8 @@ def test_report_puts_the_floor_of_the_same_count_beside_each_score(evaluator, tr
     fd_line = next(line for line in text.splitlines() if line.startswith("Frechet distance "))
     assert fd_line.split()[-2:] == [f"{report.samples.frechet:.3f}", f"{report.floor.frechet:.3f}"]
     assert "floor" in text and f"{report.frechet_ratio:.2f}x the floor" in text
+    std_line = next(line for line in text.splitlines() if line.strip().startswith("std over KID subsets"))
+    assert std_line.split()[-2:] == [f"{1e3 * report.samples.kid_std:.1f}", f"{1e3 * report.floor.kid_std:.1f}"]
 
 
 def test_a_plain_callable_plugs_in_as_the_feature_extractor(train_split):
