@@ -236,7 +236,7 @@ def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samp
     if not math.isfinite(loss):
         return result
     images, labels = generate(model, every_class_once(run_cfg, num_samples), progress=False)
-    return with_sample_scores(result, evaluator.report(images, labels))
+    return with_sample_scores(result, evaluator.report(images, labels, made_by=f"the model {cfg.train.output_dir}"))
 
 
 def with_sample_scores(result: CellResult, report: Report) -> CellResult:
