@@ -27,7 +27,7 @@ import yaml
 from .ablation_grid import AblationConfig, Cell, ablation_from_dict, cell_config, grid_cells, sweep_identity, validate_ablation
 from .ablation_report import write_report
 from .ablation_results import CellResult
-from .config import Config
+from .config import Config, read_yaml
 from .data import digits_arrays
 from .errors import ConfigError, UserError
 from .evaluation import Evaluator, Report, evaluator_for
@@ -275,12 +275,11 @@ def claim_folder(out: Path, ab: AblationConfig) -> None:
             "or the same settings to resume it (only the lists of cells may change: grid.norms, grid.groups, "
             "grid.channels_per_group, grid.batch_sizes and grid.seeds)."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saved, yaml.safe_dump(asdict(ab), sort_keys=False))
+    write_text_atomic(saved, yaml.safe_dump(asdict(ab), sort_keys=False))  # makes `out`, or leaves no trace
 
 
 def _saved_identity(path: Path) -> Optional[dict[str, Any]]:
     try:
-        return sweep_identity(ablation_from_dict(yaml.safe_load(path.read_text()) or {}, note=False))
-    except (ConfigError, yaml.YAMLError):
+        return sweep_identity(ablation_from_dict(read_yaml(path), note=False))  # UTF-8, no aliases
+    except ConfigError:
         return None

@@ -40,7 +40,8 @@ def run_settings(*sections: str, default_config: str | None = None,
 
         path, overrides = split_args(args, default_config)
         read = config_of or (load_config if default_config is not None else None)
-        if path is None or read is None:
+        named = bool(args) and "=" not in args[0]
+        if path is None or read is None or not (named or Path(path).is_file()):  # run elsewhere: no default file
             return settings_help(Config, sections)
         cfg = read(path, overrides)
         return settings_help(Config, sections, values=(Path(path).name, cfg.to_dict()))

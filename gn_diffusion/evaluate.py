@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     # settings work, the model loads and the extractor is built and scores the reference.
     refuse_writing_into(RunLayout(run_dir).evaluation, "wait for it to end, then evaluate it")
     check_report_target(RunLayout(run_dir).evaluation)
-    check_sampling(cfg)
+    check_sampling(cfg, "eval.num_samples")  # evaluate makes eval.num_samples images, not sample.num_images
     model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     with cpu_threads(cfg.runtime.cpu_threads):

@@ -18,15 +18,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     old file or the whole new one. The temporary name keeps `path`'s suffix, for writers that
     choose a format by it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        with writing(tmp, path):
-            yield tmp
-            follow_umask(tmp)
-            os.replace(tmp, path)
-    finally:
-        _remove_quietly(tmp)  # after an interrupt too: a file of this pid's that nothing else removes
+    with new_folders_removed_on_failure(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with writing(tmp, path):
+                yield tmp
+                follow_umask(tmp)
+                os.replace(tmp, path)
+        finally:
+            _remove_quietly(tmp)  # after an interrupt too: a file of this pid's that nothing else removes
 
 
 @contextlib.contextmanager
@@ -36,13 +37,28 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     _remove_quietly(tmp)  # a killed earlier run of this pid's
+    with new_folders_removed_on_failure(folder):
+        try:
+            with writing(tmp, folder):
+                tmp.mkdir(parents=True)
+                yield tmp
+                swap_folder(tmp, folder)
+        finally:
+            _remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_failure(path: Path) -> Iterator[None]:
+    """A block that may make the missing folders above `path`: if it fails, those it made are
+    removed again (when still empty), so a refused write leaves no trace."""
+    made = [p for p in path.absolute().parents if not os.path.lexists(p)]  # deepest first
     try:
-        with writing(tmp, folder):
-            tmp.mkdir(parents=True)
-            yield tmp
-            swap_folder(tmp, folder)
-    finally:
-        _remove_quietly(tmp)
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager
@@ -211,7 +227,7 @@ class HeldLock:
     """An exclusive OS lock (flock) on a file that records the holder's pid, taken without waiting
     by take_lock; the lock goes with the process, so a killed holder leaves none behind."""
 
-    def __init__(self, path: Path, handle, made: list[Path], before: str):
+    def __init__(self, path: Path, handle, made: list[Path], before: bytes):
         self.path, self._handle, self._made, self._before = path, handle, made, before
 
     def release(self, *, undo: bool = False) -> None:
@@ -242,12 +258,12 @@ def take_lock(path: str | Path) -> HeldLock:
     made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = open(path, "a+")
+        handle = open(path, "a+b")  # bytes: whatever a stray file there holds, reading it cannot fail
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip()
+            holder = _recorded_pid(handle)
             handle.close()
             raise LockTaken(holder) from None
         if _same_file(handle, path):
@@ -257,7 +273,7 @@ def take_lock(path: str | Path) -> HeldLock:
     before = handle.read()
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{os.getpid()}\n".encode())
     handle.flush()
     return HeldLock(path, handle, made, before)
 
@@ -268,16 +284,22 @@ def lock_holder(path: str | Path) -> str | None:
     import fcntl
 
     try:
-        handle = open(path)
+        handle = open(path, "rb")
     except FileNotFoundError:
         return None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return handle.read().strip()
+            return _recorded_pid(handle)
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
+
+
+def _recorded_pid(handle) -> str:
+    """The pid a lock file records ('' unless it holds one: the file may be anything a user put there)."""
+    text = handle.read(64).decode("utf-8", errors="replace").strip()
+    return text if text.isdigit() else ""
 
 
 def _same_file(handle, path: Path) -> bool:

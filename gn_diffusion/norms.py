@@ -83,7 +83,10 @@ class GroupNorm32(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  backend: str = "auto", *, bias: bool = True, **factory):
         check_layer(num_channels, num_groups, backend)  # once here, so forward checks nothing
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine, bias=bias, **factory)
+        # Only recent torch versions take nn.GroupNorm(bias=...): a layer without one drops it here.
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, **factory)
+        if affine and not bias:
+            self.register_parameter("bias", None)
         self.backend = backend
 
     def forward(self, x, scale=None, shift=None, act: bool = False) -> torch.Tensor:

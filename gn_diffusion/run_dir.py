@@ -17,10 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checkpoint import check_checkpoint, find_damage, resume_point
-from .config import Config, config_from_dict, save_config
+from .config import Config, config_from_dict, read_yaml, save_config
 from .errors import UserError, file_system_sentence
 from .files import HeldLock, LockTaken, lock_holder, take_lock, write_text_atomic
 from .layout import CONFIG_FILE, RunLayout
@@ -46,8 +44,8 @@ def read_run_config(output_dir: Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
-    except (UserError, yaml.YAMLError):
+        return config_from_dict(read_yaml(path))  # UTF-8, no YAML aliases, as every config is read
+    except UserError:
         raise UserError(f"{path} is not a readable run config; move that folder away or set another train.output_dir.") from None
 
 
@@ -94,8 +92,9 @@ def hold_output_dir(out: Path, accelerator) -> HeldLock | None:
             lock = take_lock(RunLayout(out).lock)
         except LockTaken as taken:
             refusal = in_use(out, taken.holder, "wait for that process to end or set another train.output_dir")
-        except OSError as exc:  # the others must not wait for a lock that never comes
-            failure, refusal = exc, f"the main process could not lock {out}: {file_system_sentence(exc) or exc}"
+        except Exception as exc:  # the others must not wait for a lock that never comes
+            failure = exc
+            refusal = file_system_sentence(exc) or f"the main process could not lock {out}; see its traceback."
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

@@ -25,11 +25,12 @@ from .checkpoint import latest_checkpoint
 from .config import Config, DiffusionConfig, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import ConfigError, UserError
-from .files import atomic_folder, check_writable, restore_swapped
+from .files import atomic_folder, check_writable, lock_holder, restore_swapped
 from .images import save_grid, save_pngs, to_uint8
 from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
 from .memory import lower_on_oom
 from .model_io import exported_weights, load_weights, model_weights
+from .run_dir import refuse_writing_into
 from .threads import set_cpu_threads
 from .unet import GNUNet, build_unet
 
@@ -40,9 +41,11 @@ def model_dir(path: str | Path) -> Path:
     at .old-model: it is put back first, as a reused output folder's set is."""
     path = Path(path)
     run = RunLayout(path)
-    if not path.exists():
-        restore_swapped(path)  # a model folder named directly
-    restore_swapped(run.model)
+    # A run being trained may be exporting, between the two renames: its folders are left alone.
+    if all(lock_holder(RunLayout(folder).lock) is None for folder in (path, path.parent)):
+        if not path.exists():
+            restore_swapped(path)  # a model folder named directly
+        restore_swapped(run.model)
     if (run.model / CONFIG_FILE).is_file():
         return run.model
     if (path / CONFIG_FILE).is_file() and model_weights(path) is not None:
@@ -207,11 +210,11 @@ def _gather_slices(accelerator, images: torch.Tensor, total: int) -> torch.Tenso
 # Checks before any sampling work
 
 
-def check_sampling(cfg: Config) -> None:
-    """A ConfigError if sample.num_images cannot fit in memory, or if the scheduler cannot take
-    sample.num_inference_steps for this model's diffusion.num_train_timesteps. (Guidance is
-    checked with the config: finite, and only on a class-conditional model.)"""
-    check_images_fit(cfg, "sample.num_images")
+def check_sampling(cfg: Config, count_key: str = "sample.num_images") -> None:
+    """A ConfigError if the images `count_key` asks for cannot fit in memory, or if the scheduler
+    cannot take sample.num_inference_steps for this model's diffusion.num_train_timesteps.
+    (Guidance is checked with the config: finite, and only on a class-conditional model.)"""
+    check_images_fit(cfg, count_key)
     s, d = cfg.sample, cfg.diffusion
     if _takes_steps(dataclasses.astuple(d), s.scheduler, s.num_inference_steps):
         return
@@ -324,8 +327,6 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     """sample.py: load a run's model, apply `sample.*` overrides, generate and save. Every check
     (settings, step count, output folder) runs before the model is loaded."""
     from accelerate import Accelerator
-
-    from .run_dir import refuse_writing_into
 
     folder = model_dir(path)
     cfg = sample_config(folder, overrides)

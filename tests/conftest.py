@@ -74,9 +74,10 @@ def in_each_process(record_dir: str):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """{relative path: sha256} of every file under `folder`, and "folder" for every folder (an
+    empty folder a refusal left behind counts as a change)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_dir()}
 
 
 def script_main(name):

@@ -11,6 +11,7 @@ groups).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -28,11 +29,13 @@ BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def torch_group_norm_infos():
     """torch's OpInfo for F.group_norm and ModuleInfo for nn.GroupNorm, imported without the
     process-wide state the import changes for every later test in this process: it freezes
     torch.backends' flags (so the runtime's cudnn.benchmark would raise), sets
-    TORCHINDUCTOR_CACHE_DIR and adds warning filters."""
+    TORCHINDUCTOR_CACHE_DIR and adds warning filters. Imported by the first test that needs it,
+    not at collection: every xdist worker collects every file, and the import costs seconds."""
     env = dict(os.environ)
     with warnings.catch_warnings():
         from torch.testing._internal.common_methods_invocations import op_db
@@ -45,9 +48,6 @@ def torch_group_norm_infos():
     assert not torch.backends.flags_frozen()
     return (next(op for op in op_db if op.name == "nn.functional.group_norm"),
             next(m for m in module_db if m.module_cls is torch.nn.GroupNorm))
-
-
-GROUP_NORM, GROUP_NORM_MODULE = torch_group_norm_infos()
 
 
 def tolerance(dtype: torch.dtype, backend: str) -> float:
@@ -93,7 +93,7 @@ def sample_cases(device: torch.device):
     and dtype turning with the shape, and the sample without options."""
     cases = []
     for k, dtype in enumerate(DTYPES):
-        samples = list(GROUP_NORM.sample_inputs(device.type, dtype, requires_grad=True))
+        samples = list(torch_group_norm_infos()[0].sample_inputs(device.type, dtype, requires_grad=True))
         assert len(samples) == 21, "five shapes, four weight/bias combinations each, one without options"
         for i, sample in enumerate(samples):
             shape, combination = divmod(i, 4)
@@ -125,7 +125,7 @@ def test_torch_sample_inputs_match_float64_group_norm_through_the_kernels(device
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_error_inputs_are_refused_as_torch_refuses_them(backend):
-    errors = list(GROUP_NORM.error_inputs("cpu"))
+    errors = list(torch_group_norm_infos()[0].error_inputs("cpu"))
     assert errors
     for error in errors:
         sample = error.sample_input
@@ -142,10 +142,10 @@ def test_torch_module_inputs_through_the_function_and_the_layer(device):
     CPU; the interpreter (slow) takes the layer alone on the bfloat16 samples of at most 4 groups
     in all (the function meets every sample's kind of call above)."""
     interpreted = device.type == "cpu"
+    info = torch_group_norm_infos()[1]
     for backend in BACKENDS if interpreted else ("triton",):
         for dtype in (torch.float32, torch.bfloat16):
-            for sample in GROUP_NORM_MODULE.module_inputs_func(GROUP_NORM_MODULE, device.type, dtype,
-                                                               requires_grad=True, training=True):
+            for sample in info.module_inputs_func(info, device.type, dtype, requires_grad=True, training=True):
                 args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
                 (x,) = sample.forward_input.args
                 if backend == "triton" and interpreted and (dtype != torch.bfloat16 or x.shape[0] * args[0] > 4):
@@ -174,8 +174,8 @@ def check_module_sample(args, kwargs, x, backend, what, through_the_function=Tru
 
 
 def test_torch_module_error_inputs_are_refused_by_the_layer():
-    errors = list(GROUP_NORM_MODULE.module_error_inputs_func(GROUP_NORM_MODULE, "cpu", torch.float32,
-                                                             requires_grad=False, training=True))
+    info = torch_group_norm_infos()[1]
+    errors = list(info.module_error_inputs_func(info, "cpu", torch.float32, requires_grad=False, training=True))
     assert errors
     for error in errors:
         args = error.module_error_input.constructor_input.args
