@@ -142,24 +142,53 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, ema, keep: i
 
     layout = RunLayout(output_dir)
     final, tmp = layout.checkpoint(step), layout.partial_checkpoint(step)
-    # A full disk, however the writer reports it, is an OSError naming `final`, with `tmp` gone.
-    with writing(tmp, final):
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
-                                                       "execution": execution}))
-            swap_folder(tmp, final)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    def finish() -> None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "ema_updates": ema.num_updates,
+                                                   "execution": execution}))
+        swap_folder(tmp, final)
+
+    # Every process writes into `tmp` (its RNG state): one that fails must not remove it under
+    # the others or leave them waiting, so each failure is every process's, and the main process
+    # alone removes `tmp`. A full disk, however the writer says it, is an OSError naming `final`.
+    fail_together(accelerator, final, tmp, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    fail_together(accelerator, final, tmp, finish if accelerator.is_main_process else lambda: None)
     if accelerator.is_main_process:
         kept = [path for n, path in scan_checkpoints(output_dir)[0] if n <= step]  # a newer one is never removed
         for old in kept[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def fail_together(accelerator, final: Path, tmp: Path, write) -> None:
+    """Run this process's part of writing checkpoint `final` (in `tmp`); if any process's part
+    fails, every process raises (its own error, or one naming the process that failed) and the
+    main process removes `tmp`."""
+    failure = None
+    try:
+        with writing(tmp, final, remove=False):  # removed below, once every process is done with it
+            write()
+    except Exception as exc:
+        failure = exc
+    failed = failure is not None
+    if accelerator.num_processes > 1:  # a collective only where there are others to tell
+        import torch
+
+        failed = bool(accelerator.reduce(torch.tensor(float(failed), device=accelerator.device), "sum") > 0)
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failure is not None:
+        raise failure
+    raise UserError(f"another process could not write checkpoint {final} (its error is in its output); the earlier "
+                    "checkpoints are kept: fix that and resume.")
 
 
 def load_checkpoint(accelerator, path: Path, ema) -> tuple[int, dict | None]:

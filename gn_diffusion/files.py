@@ -62,16 +62,17 @@ def new_folders_removed_on_failure(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def writing(tmp: Path, path: Path) -> Iterator[None]:
+def writing(tmp: Path, path: Path, *, remove: bool = True) -> Iterator[None]:
     """A block that writes the temporary file or folder `tmp` on its way to `path`: when it fails,
-    `tmp` is removed and a refusal of the disk (an OSError naming `tmp`, anything in it or no file
+    `tmp` is removed (unless `remove` is false: another process is writing there too) and a refusal of the disk (an OSError naming `tmp`, anything in it or no file
     at all, or a library's report of one) is raised as an OSError naming `path`, the path the
     user asked for; run_cli turns that into its sentence. Any other failure is raised as it is.
     An interrupt leaves `tmp` as a kill would (the next write of the same name removes it)."""
     try:
         yield
     except Exception as exc:
-        _remove_quietly(tmp)
+        if remove:
+            _remove_quietly(tmp)
         refused = _refusal_naming(exc, path, tmp)
         if refused is None:
             raise

@@ -32,7 +32,7 @@ import gn_diffusion.sampling as sampling
 from gn_diffusion.sampling import load_model
 from gn_diffusion.training import train
 
-from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config
+from conftest import ROOT, TINY, assert_fails_cleanly, launch_two_processes, random_model, snapshot, tiny_config
 from test_convert import cifar_archive, small_batches  # noqa: F401 (small_batches: the converter's batch size for those archives)
 
 UMASK = 0o027  # neither the default 022 nor safetensors' private 0600: a mode that follows it shows
@@ -237,3 +237,34 @@ def test_every_file_written_follows_the_umask(trained):
     found = {str(p.relative_to(trained)): p.stat().st_mode & 0o777 for p in trained.rglob("*") if p.is_file()}
     assert "checkpoints/step-1/ema.safetensors" in found and "model/unet/diffusion_pytorch_model.safetensors" in found
     assert found == dict.fromkeys(found, 0o666 & ~UMASK)
+
+
+def _one_process_full_at_a_checkpoint(out: str):
+    """Both ranks save a checkpoint; rank 1's disk refuses its RNG state. Each rank records what
+    it raised (instead of hanging in a barrier, or losing the folder under the other)."""
+    import accelerate.checkpointing
+    from accelerate import Accelerator
+
+    from gn_diffusion.checkpoint import save_checkpoint
+    from gn_diffusion.ema import EMA
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    if accelerator.process_index == 1:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(out) / "checkpoints" / ".tmp-step-3"))
+        accelerate.checkpointing.save = full  # what writes random_states_1.pkl
+    try:
+        save_checkpoint(accelerator, out, 3, EMA(accelerator.unwrap_model(model), 0.9), keep=2)
+        said = "saved"
+    except Exception as exc:
+        said = file_system_sentence(exc) or str(exc)
+    (Path(out) / f"rank-{accelerator.process_index}.txt").write_text(said)
+
+
+def test_a_full_disk_on_one_process_at_a_checkpoint_stops_every_process(tmp_path):
+    launch_two_processes(_one_process_full_at_a_checkpoint, str(tmp_path))
+    assert (tmp_path / "rank-1.txt").read_text().startswith(f"the disk holding {tmp_path / 'checkpoints' / 'step-3'}")
+    assert "another process could not write checkpoint" in (tmp_path / "rank-0.txt").read_text()
+    assert not (tmp_path / "checkpoints" / ".tmp-step-3").exists() and not (tmp_path / "checkpoints" / "step-3").exists()
