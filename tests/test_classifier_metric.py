@@ -53,6 +53,10 @@ def test_classifier_floor_of_real_images_is_below_noise_and_the_cnn_is_cached(fo
     assert report.floor.frechet < report.samples.frechet and report.floor.kid < report.samples.kid
     assert report.floor.coverage == 1.0 and report.classifier_accuracy == evaluator.extractor.held_out_accuracy
     assert "held-out accuracy" in report.format() and "classifier" in report.format()
+    pick = torch.arange(0, 80, 3)  # both classes (the folders are read class by class)
+    real, labels = evaluator.floor_images[pick], evaluator.floor_labels[pick]
+    conditional = evaluator.report(real, requested=labels)  # a class-conditional model's per-class accuracy
+    assert set(conditional.samples.class_accuracy) == {0, 1} and conditional.samples.accuracy > 0.9
     (cached,) = (base / "cache").glob(f"classifier_cnn-{SIZE}px-*.safetensors")
     stamp = cached.stat().st_mtime_ns
     again = evaluator_for(cfg)
