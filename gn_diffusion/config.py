@@ -35,8 +35,7 @@ class ModelConfig:
     attention_heads: int = positive(1)  # heads of every attention block
     dropout: float = unit_interval(0.0)  # in every residual block, before its last conv
     norm: str = "group"  # a name of the norm registry (norms.available_norms)
-    # Group norm's grouping, one of two ways: `groups` per layer, or `channels_per_group` (each
-    # layer of width C gets C / channels_per_group groups). Giving neither means groups=32.
+    # Group norm's grouping: `groups` per layer, or `channels_per_group` (width C: C / it groups); neither: groups=32.
     groups: Optional[int] = positive(None)  # groups per norm layer (None with neither given: 32)
     channels_per_group: Optional[int] = positive(None)  # or channels per group: C / this groups per layer
     norm_eps: float = positive(1e-5)  # added to the variance in every norm
@@ -45,8 +44,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
 
     def __post_init__(self):
-        # Resolved here, so a saved config (to_dict) names the grouping it ran with and reads
-        # back the same, and older configs (groups: 32, no channels_per_group) load unchanged.
+        # Resolved here: a saved config names the grouping it ran with; older configs load unchanged.
         if self.groups is not None and self.channels_per_group is not None:
             raise ConfigError(
                 f"'model.groups' ({self.groups}) and 'model.channels_per_group' ({self.channels_per_group}) are both "
@@ -139,7 +137,7 @@ class EvalConfig:
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
     seed: int = seed_setting(0)  # picks the floor's real images and the KID subsets
-    extractor: Optional[str] = None  # "inception", or "module:factory"; None: the digits classifier
+    extractor: Optional[str] = None  # "inception", "classifier" (trained on labelled data) or "module:factory"
     cache_dir: Optional[str] = None  # None: $GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion
     reference_dir: Optional[str] = None  # image-folder models: held-out real images to compare with
     reference_split: Optional[str] = None  # hf models: the held-out split of data.path to compare with
@@ -322,7 +320,7 @@ def validate(cfg: Config) -> None:
     _validate_sample(cfg)
     _validate_train(cfg.train)
     _validate_conditioning(cfg)
-    _validate_extractor(cfg.eval)
+    _validate_extractor(cfg)
 
 
 def _validate_conditioning(cfg: Config) -> None:
@@ -392,7 +390,11 @@ def _validate_sample(cfg: Config) -> None:
             raise ConfigError(f"'sample.class_labels' {bad} are not classes of this model ({what}).")
 
 
-def _validate_extractor(e: EvalConfig) -> None:
-    if e.extractor is not None and e.extractor != "inception" and ":" not in e.extractor:
+def _validate_extractor(cfg: Config) -> None:
+    e, d = cfg.eval, cfg.data
+    if e.extractor is not None and e.extractor not in ("inception", "classifier") and ":" not in e.extractor:
         raise ConfigError(f"'eval.extractor' is {e.extractor!r}; write it as module:factory, e.g. my_feats:make, "
-                          "or inception for FID's Inception-v3 features.")
+                          "inception for FID's Inception-v3 features or classifier for labelled data.")
+    if e.extractor == "classifier" and d.dataset == "image_folder" and not d.class_labels:
+        raise ConfigError("eval.extractor=classifier trains on the data's labels; set data.class_labels=true (one "
+                          "sub-folder per class), or for unlabelled data eval.extractor=inception or a module:factory.")

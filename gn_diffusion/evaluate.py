@@ -11,9 +11,12 @@ runtime settings apply, except that runtime.* starts from the defaults here (a r
 with Triton kernels evaluates on a CPU). Keys:
   eval.num_samples=500         images to generate
   eval.kid_subsets=100  eval.kid_subset_size=100  eval.coverage_share=0.25  eval.seed=0
-  eval.cache_dir=PATH          digits classifier cache ($GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion)
+  eval.cache_dir=PATH          classifier cache ($GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion)
   eval.extractor=MODULE:FACTORY  your own features: FACTORY(image_size=, in_channels=) returns a
                                callable images [N,C,H,W] in [-1,1] -> features [N,D]
+  eval.extractor=classifier    labelled data (class sub-folders, an hf label column): the digits'
+                               CNN trained on the run's training data (cached), its accuracy on
+                               the held-out images
   eval.reference_dir=FOLDER    a model trained on an image folder: held-out images it never saw
                                (needs eval.extractor; the floor draws from the training folder)
   sample.KEY=VALUE             the run's sampling settings (scheduler, num_inference_steps,

@@ -7,7 +7,8 @@ is the caller's (`sampling.generate(model, sampling.every_class_once(cfg, n))`).
 Any feature extractor plugs in: a callable `images [N, C, H, W] in [-1, 1] -> features [N, D]`.
 If it also has `predict(images) -> class indices [N]` and an integer `num_classes`, the class
 statistics (coverage, KL from uniform, per-class accuracy) are computed too. The default is
-the digits classifier (`digits_classifier`).
+the digits classifier (`digits_classifier`); eval.extractor=classifier trains the same CNN, with
+the recipe scaled to the data, on any labelled training data (`classifier_evaluator`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from .config import Config, EvalConfig
 from .data import digits_arrays
+from .classifier import trained_classifier
 from .digits_classifier import digits_classifier
 from .errors import UserError, file_system_sentence
 from .images import from_uint8
@@ -28,6 +30,9 @@ from .metrics import (
     Scores, class_counts, class_coverage, frechet_distance, kernel_inception_distance, kl_from_uniform,
     per_class_accuracy,
 )
+
+
+CLASSIFIER = "classifier"  # eval.extractor: the package's CNN trained on the run's own labelled data
 
 
 @runtime_checkable
@@ -232,19 +237,73 @@ def _evaluator_for(cfg: Config) -> Evaluator:
     the floor decodes only the images it draws.
     """
     m, settings = cfg.model, cfg.eval
-    extractor = (load_extractor(settings.extractor, m.image_size, m.in_channels, settings, cpu=cfg.runtime.cpu)
-                 if settings.extractor else None)
-    if cfg.data.dataset == "digits":
-        return digits_evaluator(m.image_size, settings, extractor, name=settings.extractor)
+    plugged = settings.extractor not in (None, CLASSIFIER)
+    extractor = load_extractor(settings.extractor, m.image_size, m.in_channels, settings, cpu=cfg.runtime.cpu) if plugged else None
+    if cfg.data.dataset == "digits":  # eval.extractor=classifier is the default there: the digits classifier
+        return digits_evaluator(m.image_size, settings, extractor, name=settings.extractor if plugged else None)
     hf = cfg.data.dataset == "hf"
+    if settings.extractor == CLASSIFIER and (settings.reference_dir or (hf and settings.reference_split)):
+        return classifier_evaluator(cfg)
     if extractor is None or (settings.reference_dir is None and not (hf and settings.reference_split)):
         held_out = "eval.reference_split=SPLIT (or eval.reference_dir=FOLDER)" if hf else "eval.reference_dir=FOLDER"
         raise UserError(
             f"a model trained on {'an hf data set' if hf else 'an image folder'} is scored with features of your "
-            f"choice against held-out images it never saw: set eval.extractor=MODULE:FACTORY and {held_out}."
+            f"choice against held-out images it never saw: set eval.extractor=MODULE:FACTORY (or classifier, "
+            f"for labelled data) and {held_out}."
         )
     pool, pool_labels = _training_pool(cfg)
     return Evaluator(extractor, _reference_images(cfg), pool, pool_labels, settings=settings, name=settings.extractor)
+
+
+def classifier_evaluator(cfg: Config) -> Evaluator:
+    """eval.extractor=classifier: the CNN trained on the run's labelled training data (all of it,
+    in memory), its accuracy measured on the labelled held-out images; those are the reference,
+    and the training data the floor's pool."""
+    train_images, train_labels, classes = _labelled(cfg, held_out=False)
+    reference, reference_labels, _ = _labelled(cfg, held_out=True, classes=classes)
+    extractor = trained_classifier((train_images, train_labels), (reference, reference_labels), len(classes),
+                                   cfg.eval.cache_dir)
+    return Evaluator(extractor, reference, train_images, train_labels, cfg.eval, name=f"{CLASSIFIER} ({extractor.name})")
+
+
+def _labelled(cfg: Config, held_out: bool, classes: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Float images, labels and class names of the training data or of the held-out images, whose
+    classes are mapped by name onto the training data's (`classes`)."""
+    d, m = cfg.data, cfg.model
+    if d.dataset == "hf" and (not held_out or cfg.eval.reference_split):
+        from .hf_source import hf_source
+
+        split = {"split": cfg.eval.reference_split, "key": "eval.reference_split", "whole_ok": False} if held_out else {}
+        if d.label_column is None and not held_out:
+            _require_class_label(d)
+        source, count = hf_source(d, m.image_size, m.in_channels, use_labels=True, **split)
+        names = classes or list(range(count))
+        if held_out and int(source.labels.max()) >= len(names):
+            raise UserError(f"eval.reference_split={cfg.eval.reference_split} has labels up to {int(source.labels.max())} "
+                            f"but {d.path} ({d.split}) has {len(names)} classes; hold out a split of the same classes.")
+        return from_uint8(source.read_all()), source.labels, names
+    from .data import folder_source
+
+    root = cfg.eval.reference_dir if held_out else d.path
+    source, names = folder_source(root, m.image_size, m.in_channels, True, d.max_image_pixels)
+    labels = source.labels
+    if classes is not None:
+        unknown = sorted(set(names) - set(map(str, classes)))
+        if unknown:
+            raise UserError(f"eval.reference_dir={root} has class sub-folders {unknown} that {d.path} lacks; "
+                            "give the held-out images the training data's class sub-folders.")
+        labels = torch.tensor([list(map(str, classes)).index(n) for n in names], dtype=torch.int64)[labels]
+    return from_uint8(source.read_all()), labels, names
+
+
+def _require_class_label(d) -> None:
+    import datasets
+
+    from .hf_source import open_split
+
+    if not any(isinstance(f, datasets.ClassLabel) for f in open_split(d.path, d.split, "data.split").features.values()):
+        raise UserError(f"eval.extractor=classifier trains on the data's labels but {d.path} has no ClassLabel column; "
+                        "set data.label_column, or for unlabelled data eval.extractor=inception or a module:factory.")
 
 
 def _reference_images(cfg: Config) -> torch.Tensor:
