@@ -113,7 +113,7 @@ def _check_header(header: list[str], where: str) -> None:
     missing = [c for c in REQUIRED if c not in header]
     if twice or missing:
         problem = f"names the column {twice[0][:40]!r} twice" if twice else f"lacks the column {missing[0]}"
-        raise UserError(f"{where}: the header {problem}; fix the header (its columns: {', '.join(COLUMNS)}).")
+        raise UserError(f"{where}: the header {problem}; restore the header line as the sweep wrote it.")
 
 
 def _result(header: list[str], fields: list[str], where: str) -> CellResult:

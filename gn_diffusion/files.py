@@ -37,6 +37,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     _remove_quietly(tmp)  # a killed earlier run of this pid's
+    _remove_dead_writers_folders(folder)
     with new_folders_removed_on_failure(folder):
         try:
             with writing(tmp, folder):
@@ -45,6 +46,27 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
                 swap_folder(tmp, folder)
         finally:
             _remove_quietly(tmp)
+
+
+def _remove_dead_writers_folders(folder: Path) -> None:
+    """Remove the temporary folders of earlier writes of `folder` whose process is gone (killed
+    while writing): nothing else would, and each can be a whole model's size."""
+    import glob
+
+    for leftover in folder.parent.glob(f".tmp-{glob.escape(folder.name)}-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove_quietly(leftover)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -232,6 +232,15 @@ def test_a_model_swap_killed_between_its_renames_loads_the_previous_model(run_di
     assert loaded.config.sample_size == 8
 
 
+def test_an_export_removes_what_a_killed_export_left_and_nothing_of_a_live_one(run_dir):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid in (int(dead.stdout), os.getppid()):  # a process gone, and one still running
+        shutil.copytree(run_dir / "model", run_dir / f".tmp-model-{pid}")
+    cfg = tiny_config(run_dir)
+    export_model(random_model(cfg), cfg, run_dir / "model")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".tmp")) == [f".tmp-model-{os.getppid()}"]
+
+
 def test_every_file_written_follows_the_umask(trained):
     """Checkpoint (accelerate's and the EMA's safetensors), export, grid and config.yaml alike."""
     found = {str(p.relative_to(trained)): p.stat().st_mode & 0o777 for p in trained.rglob("*") if p.is_file()}
