@@ -104,7 +104,7 @@ def field(line, column, value):
      ":3: the row has 5 fields where the header names 19; fix or delete that line."),
     (4, lambda b: b"\x89PNG\r\n\x1a\n\xff\xfe" + b, ":4: byte 0x89 is not text (results.csv is UTF-8 text)"),
     (2, lambda b: b"gr\x00oup" + b[5:], r":2: norm is 'gr\x00oup', which holds characters that are not text"),
-    (1, lambda b: b.replace(b"heldout_loss,", b""), ":1: the header lacks the column heldout_loss; fix the header"),
+    (1, lambda b: b.replace(b"heldout_loss,", b""), ":1: the header lacks the column heldout_loss; restore the header line"),
     (1, lambda b: b.replace(b"frechet,", b"frechet,frechet,", 1), ":1: the header names the column 'frechet' twice"),
     (4, lambda b: b + NORMS.read_bytes().splitlines(keepends=True)[1],
      ":5: the cell group-b2-s0 (the same norm, grouping, batch size and seed) is on line 2 too; delete one of"),
