@@ -35,7 +35,10 @@ def scan_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], li
         if step is None:
             continue
         why = _not_a_checkpoint(path, step, layout)
-        (strays.append(f"{path} ({why})") if why else found.append((step, path)))
+        if why:
+            strays.append(f"{path} ({why})")
+        else:
+            found.append((step, path))
     return sorted(found), sorted(strays)
 
 

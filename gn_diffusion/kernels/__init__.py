@@ -68,9 +68,10 @@ def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
     built: a known backend, channels divisible into groups, and Triton available if asked for."""
     check_backend(backend)
     if num_groups < 1:
-        raise ArgumentError(f"num_groups must be at least 1, got {num_groups}")
+        raise ArgumentError(f"num_groups must be at least 1, got {num_groups}; pass a positive group count.")
     if num_channels % num_groups:
-        raise ArgumentError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        raise ArgumentError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
+                            "choose a num_groups that divides the channels.")
     if backend == "triton":
         require_triton()
 
