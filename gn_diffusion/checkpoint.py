@@ -131,7 +131,7 @@ def resume_point(output_dir: Path, model, processes: int) -> Path | None:
         if damage is None:
             check_checkpoint(path, model)
             return path
-        print(f"warning: checkpoint {path} is damaged ({damage}); resuming from an older one.", file=sys.stderr)
+        print(f"warning: checkpoint {path} is damaged ({damage}); passing over it.", file=sys.stderr)
     if found:
         raise UserError(f"every checkpoint in {RunLayout(output_dir).checkpoints} is damaged; start over with "
                         "train.overwrite=true or set another train.output_dir.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ def split_args(argv: Sequence[str], default_config: str | None) -> tuple[str | N
     """Split `[CONFIG] [key=value ...]` into the config path and the overrides."""
     args = list(argv)
     first = args[0] if args else None
+    if first is not None and first.startswith("-"):
+        raise UserError(f"unknown option {first[:40]}; the commands take only --help beside their arguments.")
     if first is not None and "=" not in first:
         return first, args[1:]
     return default_config, args
@@ -56,13 +59,31 @@ def help_text(main: Callable, args: list[str]) -> str:
     return text + ("\n\n" + settings(args) if settings is not None else "")
 
 
-def print_help(text: str) -> None:
-    """Print `text`; a reader that stops early (| head) just ends the output."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # stdout's last buffered bytes would fail again at exit: point it at nothing instead.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+class OutlivesItsReader:
+    """stdout for a command: when its reader goes away (| head), the rest of the output goes
+    nowhere and the work goes on, instead of a BrokenPipeError stopping it half-way."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._quietly(self.stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._quietly(self.stream.flush)
+
+    def _quietly(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            # the stream's buffered bytes would fail again at exit: point the file at nothing
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            self.stream = open(os.devnull, "w")
+            return None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
@@ -71,10 +92,11 @@ def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None
     Every command goes through here, so no command needs its own try/except for the disk."""
     args = list(sys.argv[1:] if argv is None else argv)
     asked = next((i for i, arg in enumerate(args) if arg in HELP), None)
+    stdout, sys.stdout = sys.stdout, OutlivesItsReader(sys.stdout)
     try:
         with lower_on_oom("running the command", *SIZES):
             if asked is not None:  # inside the try: a bad config named before --help is one sentence
-                print_help(help_text(main, args[:asked]))
+                print(help_text(main, args[:asked]), flush=True)
             else:
                 main(args)
     except UserError as exc:
@@ -89,3 +111,7 @@ def run_cli(main: Callable[[list[str]], None], argv: Sequence[str] | None = None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if isinstance(sys.stdout, OutlivesItsReader):
+            sys.stdout.flush()  # while a closed pipe is still caught
+            sys.stdout = stdout if sys.stdout.stream is stdout else sys.stdout.stream

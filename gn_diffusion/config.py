@@ -20,7 +20,8 @@ import yaml
 
 from .errors import ConfigError
 from .files import write_text_atomic
-from .typed import build_typed, non_negative, positive, seed_setting, setting, unit_interval
+from .yaml_files import load_yaml, read_yaml_mapping
+from .typed import build_typed, non_negative, positive, quoted, seed_setting, setting, unit_interval
 
 
 @dataclass
@@ -216,44 +217,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/digits.yaml.")
-    try:
-        raw = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} cannot be read); "
-                          "save it as UTF-8 YAML, e.g. a copy of configs/digits.yaml.") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{line}; fix its syntax.") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of section names to settings (e.g. model: ..., train: ...).")
-    return move_old_keys(raw)
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without aliases: an alias repeats a node without copying it, so a few hundred bytes
-    of nested aliases expand to gigabytes (a "billion laughs"). A config never needs one."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event() if self.check_event(yaml.AliasEvent) else None
-        if event is not None and event.anchor in self.anchors:  # an unknown one stays PyYAML's error
-            where = f"*{event.anchor[:40]}, line {event.start_mark.line + 1}"
-            raise ConfigError(f"{self.source} uses a YAML alias ({where}); write the value out in full.")
-        return super().compose_node(parent, index)
-
-
-def load_yaml(text: str, source: str = "the config") -> Any:
-    """YAML text read as safe_load reads it, but refusing aliases (a ConfigError naming `source`)."""
-    loader = _NoAliasLoader(text)
-    loader.source = source
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    """A config file's settings, with older configs' moved keys under their new names."""
+    return move_old_keys(read_yaml_mapping(path))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -387,7 +352,8 @@ def _validate_sample(cfg: Config) -> None:
         bad = [c for c in s.class_labels if not 0 <= c < n]
         if bad:
             what = "the model is unconditional" if n == 0 else f"labels run from 0 to {n - 1}"
-            raise ConfigError(f"'sample.class_labels' {bad} are not classes of this model ({what}).")
+            raise ConfigError(f"'sample.class_labels' {quoted(bad)} are not classes of this model ({what}); "
+                              "give classes it has, or none.")
 
 
 def _validate_extractor(cfg: Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -35,17 +36,31 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """A new empty folder beside `folder` to write a whole set of files into; swapped in for
     `folder` when the block succeeds (swap_folder), removed when it fails."""
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    _remove_quietly(tmp)  # a killed earlier run of this pid's
-    _remove_dead_writers_folders(folder)
+    tmp = temporary_folder(folder)
     with new_folders_removed_on_failure(folder):
         try:
             with writing(tmp, folder):
+                _remove_quietly(tmp)  # a killed earlier run of this pid's
+                _remove_dead_writers_folders(folder)
                 tmp.mkdir(parents=True)
                 yield tmp
                 swap_folder(tmp, folder)
         finally:
             _remove_quietly(tmp)
+
+
+def temporary_folder(folder: Path) -> Path:
+    """Where atomic_folder writes `folder` before swapping it in."""
+    return folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+
+
+def check_name_fits(path: str | Path) -> None:
+    """Raise ENAMETOOLONG naming `path` when a part of it, or the temporary name beside it that a
+    whole-or-nothing write uses, is longer than its file system takes: before the work, not after."""
+    path = Path(path).absolute()
+    limit = os.pathconf(nearest_existing(path), "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > limit for part in (*path.parts, temporary_folder(path).name)):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
 
 
 def _remove_dead_writers_folders(folder: Path) -> None:
@@ -279,7 +294,8 @@ def take_lock(path: str | Path) -> HeldLock:
 
     path = Path(path)
     made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with new_folders_removed_on_failure(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(path, "a+b")  # bytes: whatever a stray file there holds, reading it cannot fail
         try:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .typed import quoted
 from .kernels import BACKENDS, check_layer, group_norm_silu_unchecked
 from .sync_batch_norm import SyncBatchNorm2d
 
@@ -49,7 +50,7 @@ def available_norms() -> list[str]:
 def check_norm_name(kind: str, key: str = "model.norm") -> None:
     """The registry is the one judge of norm names."""
     if kind not in _REGISTRY:
-        raise ConfigError(f"'{key}' is {kind!r}; choose one of {', '.join(available_norms())}.")
+        raise ConfigError(f"'{key}' is {quoted(kind)}; choose one of {', '.join(available_norms())}.")
 
 
 def norm_uses_groups(kind: str) -> bool:

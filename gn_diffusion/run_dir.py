@@ -20,7 +20,7 @@ from typing import Any
 from .checkpoint import check_checkpoint, find_damage, resume_point
 from .config import Config, config_from_dict, read_yaml, save_config
 from .errors import UserError, file_system_sentence
-from .files import HeldLock, LockTaken, lock_holder, take_lock, write_text_atomic
+from .files import HeldLock, LockTaken, check_name_fits, lock_holder, take_lock, write_text_atomic
 from .layout import CONFIG_FILE, RunLayout
 from .sources import DataListing
 # Settings a resumed run may change: they do not alter what has been trained so far.
@@ -57,8 +57,12 @@ def check_output_path(cfg: Config) -> None:
     """Refuse, before anything runs, an output folder that is a file, holds a file where the run
     keeps a folder, or lies inside the data folder or around it (symlinks resolved)."""
     out = Path(cfg.train.output_dir)
+    check_name_fits(RunLayout(out).model)  # the longest name a run writes: its model's swap folder
     if out.exists() and not out.is_dir():
         raise UserError(f"train.output_dir {out} is a file; set train.output_dir to a folder.")
+    if out.expanduser().resolve().parent == out.expanduser().resolve():
+        raise UserError(f"train.output_dir {out} is the root of the file system; set it to a folder of the run's own, "
+                        "e.g. runs/NAME.")
     for path in RunLayout(out).run_folders:
         if path.exists() and not path.is_dir():
             raise UserError(f"{path} is a file where a run keeps its {path.name} folder; move the file away or "

@@ -25,7 +25,7 @@ from .checkpoint import latest_checkpoint
 from .config import Config, DiffusionConfig, RuntimeConfig, load_config, parse_override, with_overrides
 from .diffusion import make_scheduler, seeded_generator
 from .errors import ConfigError, UserError
-from .files import atomic_folder, check_writable, lock_holder, restore_swapped
+from .files import atomic_folder, check_name_fits, check_writable, lock_holder, restore_swapped
 from .images import save_grid, save_pngs, to_uint8
 from .layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
 from .memory import lower_on_oom
@@ -277,6 +277,7 @@ def check_output_folder(folder: str | Path) -> None:
     """Refuse an output folder that holds anything but an earlier set of ours (which a new set
     replaces whole), or one that cannot be written; run before generating, so no work is lost."""
     folder = Path(folder)
+    check_name_fits(folder)
     restore_swapped(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))

@@ -354,11 +354,11 @@ def check_model_config(m) -> None:
     """A ConfigError naming the fix unless a U-Net of this ModelConfig can be built."""
     check_norm_name(m.norm)
     levels = len(m.channel_mult)
-    if m.image_size % 2 ** (levels - 1):
-        raise ConfigError(
-            f"'model.image_size' {m.image_size} cannot be halved {levels - 1} times for {levels} levels; "
-            f"use a multiple of {2 ** (levels - 1)} or fewer channel_mult entries."
-        )
+    halvings = (m.image_size & -m.image_size).bit_length() - 1  # how often image_size halves evenly
+    if levels - 1 > halvings:
+        raise ConfigError(f"'model.image_size' {m.image_size} halves evenly {halvings} times, too few for "
+                          f"{levels} levels; give at most {halvings + 1} channel_mult entries, or an image_size "
+                          f"that halves evenly {levels - 1} times.")
     resolutions = {m.image_size // 2**i for i in range(levels)}
     missing = sorted(set(m.attention_resolutions) - resolutions)
     if missing:

@@ -86,7 +86,7 @@ def test_unknown_norm_kind_lists_the_choices():
     ("diffusion.beta_schedule=quadratic", "choose one of linear, cosine"),
     ("sample.scheduler=lms", "choose one of ddpm, ddim, dpm-solver++, euler, heun, unipc"),
     ("model.attention_resolutions=[5]", "not a resolution of this U-Net"),
-    ("model.image_size=15", "cannot be halved"),
+    ("model.image_size=15", "halves evenly 0 times, too few for 2 levels"),
     ("model.attention_heads=3", "does not divide attention width"),
     ("sample.class_labels=[3]", "unconditional"),
     ("model.in_channels=3", "digits dataset is greyscale"),
