@@ -66,19 +66,20 @@ def main(argv: list[str]) -> None:
     run_dir, overrides = Path(argv[0]), argv[1:]
     # before the run is read: a refused key is named whatever RUN_DIR holds
     check_changeable(overrides, SECTIONS, "evaluate")
-    cfg = evaluation_config(load_config(model_dir(run_dir) / CONFIG_FILE), overrides)
+    folder = model_dir(run_dir)  # looked up once: each look checks (and may repair) the model's swap
+    cfg = evaluation_config(load_config(folder / CONFIG_FILE), overrides)
     # Every check before the sampling, the long part: the report can be written, the sampling
     # settings work, the model loads and the extractor is built and scores the reference.
     refuse_writing_into(RunLayout(run_dir).evaluation, "wait for it to end, then evaluate it")
     check_report_target(RunLayout(run_dir).evaluation)
     check_sampling(cfg, "eval.num_samples")  # evaluate makes eval.num_samples images, not sample.num_images
-    model, _ = load_model(run_dir, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
+    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     with cpu_threads(cfg.runtime.cpu_threads):
         evaluator = evaluator_for(cfg)
         images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
                                   accelerator=accelerator)
-        report = evaluator.report(images, labels, made_by=f"the model {model_dir(run_dir)}")
+        report = evaluator.report(images, labels, made_by=f"the model {folder}")
     if accelerator.is_main_process:
         save_report(run_dir, cfg, report)
 
