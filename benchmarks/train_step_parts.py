@@ -92,6 +92,12 @@ def diffusers_unet(cfg: Config, fmt: torch.memory_format):
     return UNet2DModel(**diffusers_arguments(cfg)).train().to(memory_format=fmt)
 
 
+def ema_of(accelerator, model, cfg: Config) -> EMA:
+    t = cfg.train
+    return EMA(accelerator.unwrap_model(model), t.ema_halflife_images, t.ema_rampup,
+               t.images_per_step(accelerator.num_processes))
+
+
 def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
     """GNUNet with the package's own TrainStep, assembled as start_session does but fed one
     pre-made batch (the CIFAR config has no data here)."""
@@ -100,7 +106,7 @@ def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
+    ema = ema_of(accelerator, model, cfg)
     step = TrainStep(accelerator, model, compile_model(model, cfg.runtime), optimizer, ema, cfg, fmt)
     data = itertools.repeat(host_batch(cfg, batch, accelerator.device))
     return Contender(name, "GNUNet", config, cfg.runtime.backend, params,
@@ -119,7 +125,7 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     optimizer = make_optimizer(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     forward, weights = compile_model(model, cfg.runtime), [p for p in model.parameters()]
-    ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
+    ema = ema_of(accelerator, model, cfg)
     host = host_batch(cfg, batch, accelerator.device)
     adamw = optimizer.optimizer
     clips_in = adamw if fused_without_scaler(adamw, accelerator) else None  # as TrainStep
@@ -166,7 +172,8 @@ def example(name: str, config: str, cfg: Config, batch: int) -> Contender:
     assert cfg.diffusion.prediction_type == "epsilon", "the example's loss here is the epsilon loss"
     model = diffusers_unet(cfg, fmt)
     params = sum(p.numel() for p in model.parameters())
-    ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+    decay = 0.5 ** (t.images_per_step(accelerator.num_processes) / t.ema_halflife_images)  # ours, at full length
+    ema = EMAModel(model.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
                    model_cls=type(model), model_config=model.config)  # the example's inv_gamma and power
     noise_scheduler = make_scheduler(cfg.diffusion, "ddpm")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),

@@ -35,7 +35,7 @@ class GridConfig:
     norms: list[str] = field(default_factory=lambda: ["group", "batch", "layer", "instance", "none"])
     batch_sizes: list[int] = setting(factory=lambda: [2, 4, 8, 16, 32], low=1)  # per device
     images_seen: int = positive(32000)  # training images per cell: max_steps = images_seen / images per step
-    reference_batch_size: int = positive(32)  # base.train's lr, warm-up and EMA decay are meant at this batch
+    reference_batch_size: int = positive(32)  # base.train's lr and warm-up are meant at this batch
     lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / reference)^p, p = 0, 1/2 or 1
     seeds: Optional[list[int]] = setting(None, low=0, high=SEED_MAX)  # training seeds; None: base.train.seed alone
     # Group norm's grouping as an axis (the paper's Table 3): one group-norm row per entry of
@@ -218,7 +218,6 @@ def cell_config(ab: AblationConfig, cell: Cell, processes: int) -> Config:
         max_steps=ab.grid.images_seen // per_step,
         lr=base.lr * ratio ** LR_EXPONENT[ab.grid.lr_scaling],
         warmup_steps=round(base.warmup_steps / ratio),
-        ema_decay=base.ema_decay**ratio,  # the same EMA half-life, counted in images
         output_dir=str(cell_output_dir(ab, cell)),
         resume="auto",  # a cell killed mid-training continues from its last checkpoint
     )

@@ -30,7 +30,6 @@ class CellResult:
     steps: int
     lr: float
     warmup_steps: int
-    ema_decay: float
     heldout_loss: float
     frechet: float = NAN
     frechet_floor: float = NAN
@@ -42,6 +41,7 @@ class CellResult:
     accuracy: Optional[float] = NAN  # class-conditional models only
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    ema_halflife_images: float = NAN  # (results before the EMA's half-life setting: NaN)
     seed: int = 0  # the training seed (results written before seeds were an axis: seed 0)
     commit: str = ""  # the git commit of the code that made it ("-dirty": with uncommitted changes)
     groups: Optional[int] = None  # the cell's grouping, where the grid varies it (see ablation_grid.Cell)

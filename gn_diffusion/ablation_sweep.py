@@ -232,7 +232,8 @@ def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samp
     loss = held_out_loss(model, run_cfg, triples)
     t = run_cfg.train
     result = CellResult(norm=run_cfg.model.norm, batch_size=t.batch_size, steps=t.max_steps, lr=t.lr,
-                        warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, heldout_loss=loss, seed=t.seed)
+                        warmup_steps=t.warmup_steps, heldout_loss=loss,
+                        ema_halflife_images=t.ema_halflife_images, seed=t.seed)
     if not math.isfinite(loss):
         return result
     images, labels = generate(model, every_class_once(run_cfg, num_samples), progress=False)

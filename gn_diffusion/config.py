@@ -98,8 +98,8 @@ class TrainConfig:
     adam_beta1: float = unit_interval(0.9)  # AdamW's first-moment decay
     adam_beta2: float = unit_interval(0.999)  # AdamW's second-moment decay
     grad_clip: float = non_negative(1.0)  # 0 disables clipping
-    ema_decay: float = unit_interval(0.999)  # the EMA model's decay per step
-    ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step) early in training
+    ema_halflife_images: int = positive(10_000)  # the EMA's half-life in training images (over all processes)
+    ema_rampup: float = non_negative(0.05)  # the half-life is at most this share of images seen; 0: off
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast; norms keep float32 statistics
     label_dropout: float = unit_interval(0.1)  # class-conditional models: fraction of labels replaced by null
     log_every: int = positive(50)  # steps between logged losses (the only host reads of the loss)

@@ -4,6 +4,12 @@ BatchNorm's running statistics are buffers: a copy whose buffers stayed frozen a
 initial values would sample badly and make a norm ablation unfair, so every floating-point
 buffer is averaged like a parameter (integer buffers such as num_batches_tracked are copied).
 
+The average is set, as in EDM (Karras et al. 2022), by a half-life in training images rather
+than a decay per step, so one setting means the same average at every batch size and process
+count: after `halflife` more images, an old weight's share has halved. With `rampup` the
+half-life is at most that fraction of the images seen so far, so the random initial weights are
+forgotten early in training.
+
 An update is a few foreach calls over tensor lists paired once (see lerp_by_tensor, and a copy
 for integer buffers), so its launches do not grow with the model's tensors, and it reads
 nothing back from the device.
@@ -31,21 +37,27 @@ def lerp_by_tensor(starts: list[torch.Tensor], ends: list[torch.Tensor], weight:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, model: nn.Module, halflife: float, rampup: float, images_per_update: int):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.warmup = warmup
+        self.halflife = halflife
+        self.rampup = rampup
+        self.images_per_update = images_per_update
         self.num_updates = 0
         self._source: nn.Module | None = None
         self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._others: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
+    def current_halflife(self) -> float:
+        """The half-life, in images, of the next update (0 on the first update with a ramp-up:
+        the average starts as a copy of the model)."""
+        if not self.rampup:
+            return self.halflife
+        return min(self.halflife, self.rampup * self.num_updates * self.images_per_update)
+
     def current_decay(self) -> float:
-        """The decay of the next update; with warm-up it ramps as (1 + n) / (10 + n) so the
-        average is not dominated by the random initial weights early in training."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        """The share of the average the next update keeps."""
+        halflife = self.current_halflife()
+        return 0.5 ** (self.images_per_update / halflife) if halflife > 0 else 0.0
 
     @torch.no_grad()
     def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:

@@ -192,7 +192,8 @@ def start_session(plan: RunPlan) -> Session:
     model = plan.model.to(memory_format=fmt)
     optimizer = make_optimizer(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(accelerator.unwrap_model(model), t.ema_decay, t.ema_warmup)
+    ema = EMA(accelerator.unwrap_model(model), t.ema_halflife_images, t.ema_rampup,
+              t.images_per_step(accelerator.num_processes))
     done, record = load_checkpoint(accelerator, plan.resume_from, ema) if plan.resume_from else (0, None)
     note = resume_note(record, execution_record(cfg.runtime, accelerator.device))
     if note:

@@ -82,7 +82,7 @@ def test_unknown_norm_kind_lists_the_choices():
 @pytest.mark.parametrize("override,needle", [
     ("train.batch_size=0", "'train.batch_size' must be positive"),
     ("sample.num_images=-3", "'sample.num_images' must be positive"),
-    ("train.ema_decay=1.5", "'train.ema_decay' must be in [0, 1)"),
+    ("train.ema_rampup=-1", "'train.ema_rampup' must be"),
     ("diffusion.beta_schedule=quadratic", "choose one of linear, cosine"),
     ("sample.scheduler=lms", "choose one of ddpm, ddim, dpm-solver++, euler, heun, unipc"),
     ("model.attention_resolutions=[5]", "not a resolution of this U-Net"),

@@ -265,7 +265,7 @@ def _one_process_full_at_a_checkpoint(out: str):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(out) / "checkpoints" / ".tmp-step-3"))
         accelerate.checkpointing.save = full  # what writes random_states_1.pkl
     try:
-        save_checkpoint(accelerator, out, 3, EMA(accelerator.unwrap_model(model), 0.9), keep=2)
+        save_checkpoint(accelerator, out, 3, EMA(accelerator.unwrap_model(model), 100, 0, 10), keep=2)
         said = "saved"
     except Exception as exc:
         said = file_system_sentence(exc) or str(exc)

@@ -83,7 +83,7 @@ def test_learning_rate_schedules_follow_diffusers_after_the_warm_up(tmp_path):
 
 def test_ema_averages_batchnorm_running_statistics():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-    ema = EMA(model, decay=0.5, warmup=False)
+    ema = EMA(model, halflife=1, rampup=0, images_per_update=1)  # decay 0.5
     model.train()
     model(torch.randn(16, 1, 6, 6) * 3 + 2)  # moves running_mean/var and num_batches_tracked
     ema.update(model)
@@ -95,13 +95,19 @@ def test_ema_averages_batchnorm_running_statistics():
     assert torch.allclose(ema.model[0].weight, weight)  # unchanged weights stay the average
 
 
-def test_ema_decay_warms_up():
-    ema = EMA(nn.Linear(2, 2), decay=0.999)
+def test_ema_half_life_is_counted_in_images_and_ramps_up():
+    ramped = EMA(nn.Linear(2, 2), halflife=1000, rampup=0.5, images_per_update=10)
     decays = []
     for _ in range(3):
-        decays.append(ema.current_decay())
-        ema.num_updates += 1
-    assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
+        decays.append(ramped.current_decay())
+        ramped.num_updates += 1
+    assert decays == pytest.approx([0.0, 0.5 ** (10 / 5), 0.5 ** (10 / 10)])  # half-life: half the images seen
+    ramped.num_updates = 10_000
+    assert ramped.current_halflife() == 1000  # the ramp ends at the half-life
+    # The same half-life at another batch size: an old weight's share halves after 1000 images.
+    for per_update in (2, 10, 250):
+        ema = EMA(nn.Linear(2, 2), halflife=1000, rampup=0, images_per_update=per_update)
+        assert ema.current_decay() ** (1000 / per_update) == pytest.approx(0.5)
 
 
 def test_class_conditional_run_exports_a_model_that_samples_each_class(tmp_path):
