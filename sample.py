@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     files (replaced whole: the new set is written beside it and swapped in) and be writable.
     """
     from gn_diffusion.errors import UserError
-    from gn_diffusion.sampling import sample_main
+    from gn_diffusion.sample.command import sample_main
 
     path, overrides = split_args(argv, None)
     if path is None:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
 
 
 def _config_of(path: str, overrides: list[str]):
-    from gn_diffusion.sampling import sample_config
+    from gn_diffusion.sample.command import sample_config
 
     return sample_config(path, overrides)
 

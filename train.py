@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     one with train.overwrite=true.
     """
     from gn_diffusion.config import load_config
-    from gn_diffusion.training import train
+    from gn_diffusion.train.loop import train
 
     path, overrides = split_args(argv, DEFAULT_CONFIG)
     train(load_config(path, overrides))

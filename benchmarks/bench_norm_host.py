@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gn_diffusion.kernels import triton_impl  # noqa: E402
 from gn_diffusion.kernels.ops import group_norm_silu_op  # noqa: E402
-from gn_diffusion.norms import GroupNorm32  # noqa: E402
+from gn_diffusion.model.norms import GroupNorm32  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import itertools
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -18,14 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from gn_diffusion.config import Config, load_config
-from gn_diffusion.diffusion import draw_step, make_scheduler, objective, seeded_generator
-from gn_diffusion.ema import EMA
-from gn_diffusion.op_count import OpCounter
+from gn_diffusion.diffusion.draws import draw_step
+from gn_diffusion.diffusion.objective import objective
+from gn_diffusion.diffusion.schedules import make_scheduler
+from gn_diffusion.diffusion.seeding import seeded_generator
+from gn_diffusion.model.unet import build_unet
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
-from gn_diffusion.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, fused_without_scaler,
-                               learning_rate, make_optimizer, to_device)
-from gn_diffusion.training import make_accelerator, plan_run, start_session
-from gn_diffusion.unet import build_unet
+from gn_diffusion.train.ema import EMA
+from gn_diffusion.train.loop import make_accelerator, plan_run, start_session
+from gn_diffusion.train.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, fused_without_scaler,
+                                     learning_rate, make_optimizer, to_device)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from op_count import OpCounter  # noqa: E402 (the tests' op counter, beside them)
 
 # The DDPM CIFAR-10 model in diffusers' terms: the attention level is the second (16x16), one
 # head over all channels (attention_head_dim=None), a stride-2 padded conv to downsample and

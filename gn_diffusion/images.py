@@ -64,3 +64,7 @@ def save_pngs(images: torch.Tensor, folder: str | Path) -> list[Path]:
         paths.append(folder / f"{i:06d}.png")
         _pil(array).save(paths[-1])
     return paths
+
+
+def grid_upscale(image_size: int) -> int:
+    return max(1, 128 // image_size)  # small images are enlarged to about 128 pixels

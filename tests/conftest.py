@@ -22,8 +22,8 @@ import torch  # noqa: E402  (after the variable, so OpenMP reads it)
 from gn_diffusion.cli import run_cli  # noqa: E402
 from gn_diffusion.config import load_config  # noqa: E402
 from gn_diffusion.files import atomic_path  # noqa: E402
-from gn_diffusion.threads import set_cpu_threads  # noqa: E402
-from gn_diffusion.unet import build_unet  # noqa: E402
+from gn_diffusion.model.unet import build_unet  # noqa: E402
+from gn_diffusion.runtime import set_cpu_threads  # noqa: E402
 
 set_cpu_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -103,7 +103,7 @@ def run_dir(tmp_path):
     """A finished-looking tiny run (unconditional, 100 training timesteps): config.yaml and an
     exported model with non-trivial weights."""
     from gn_diffusion.config import save_config
-    from gn_diffusion.pipeline import export_model
+    from gn_diffusion.sample.model_folder import export_model
 
     out = tmp_path / "run"
     cfg = tiny_config(out, "train.max_steps=1")

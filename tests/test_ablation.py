@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import gn_diffusion.training
+import gn_diffusion.train.loop
 from conftest import TINY_SWEEP
-from gn_diffusion.ablation_grid import Cell, cell_config, load_ablation_config
-from gn_diffusion.ablation_results import read_results_csv, results_csv
-from gn_diffusion.ablation_sweep import code_commit, result_path, run_ablation
+from gn_diffusion.ablation.grid import Cell, cell_config, load_ablation_config
+from gn_diffusion.ablation.results import read_results_csv, results_csv
+from gn_diffusion.ablation.sweep import code_commit, result_path, run_ablation
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import ConfigError, UserError
 
@@ -63,7 +63,7 @@ def test_the_old_threads_key_is_read_as_base_runtime_cpu_threads(tmp_path, capsy
 
 
 def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):
-    from gn_diffusion.ablate import main
+    from gn_diffusion.ablation.command import main
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, [str(tmp_path / "missing.yaml")])
@@ -73,7 +73,7 @@ def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):
 
 
 def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_config, monkeypatch):
-    real_train = gn_diffusion.training.train
+    real_train = gn_diffusion.train.loop.train
     calls = []
 
     def interrupted_after_two_cells(cfg, **kwargs):
@@ -83,7 +83,7 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(gn_diffusion.training, "train", interrupted_after_two_cells)
+    monkeypatch.setattr(gn_diffusion.train.loop, "train", interrupted_after_two_cells)
     ab = load_ablation_config(tiny_sweep_config)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(ab, progress=False)
@@ -95,7 +95,7 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_
     stamps = [p.stat().st_mtime_ns for p in done]
 
     calls.clear()
-    run_ablation(ab, progress=False, command="python -m gn_diffusion.ablate tiny.yaml")
+    run_ablation(ab, progress=False, command="python -m gn_diffusion.ablation tiny.yaml")
     assert [c.rsplit("/", 1)[-1] for c in calls] == ["batch-b2-s0", "batch-b4-s0"]  # finished cells not redone
     assert [p.stat().st_mtime_ns for p in done] == stamps
     with open(out / "results.csv") as f:
@@ -106,7 +106,7 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_
     assert len({r["frechet_floor"] for r in rows}) == 1  # one floor for the whole sweep
     table = (out / "results.md").read_text()
     assert "| batch |" in table and "| group |" in table and f"{float(rows[0]['frechet']):.3f}" in table
-    assert "python -m gn_diffusion.ablate tiny.yaml" in table
+    assert "python -m gn_diffusion.ablation tiny.yaml" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with pytest.raises(UserError, match="other settings"):  # another sweep's settings: refused
@@ -114,7 +114,7 @@ def test_tiny_sweep_writes_results_and_resumes_after_an_interruption(tiny_sweep_
 
 
 def test_seeds_are_an_axis_and_report_only_rebuilds_the_report_byte_for_byte(tiny_sweep_config, capsys):
-    from gn_diffusion.ablate import main
+    from gn_diffusion.ablation.command import main
 
     grid = ["grid.norms=[group]", "grid.batch_sizes=[4]", "grid.seeds=[0,1]"]
     run_cli(main, [str(tiny_sweep_config), *grid])
@@ -160,7 +160,7 @@ COMMITTED = {
 
 @pytest.mark.parametrize("folder", sorted(COMMITTED))
 def test_report_only_rebuilds_the_committed_tables_byte_for_byte(tmp_path, monkeypatch, folder):
-    from gn_diffusion.ablate import main
+    from gn_diffusion.ablation.command import main
 
     shutil.copy(DOCS / folder / "results.csv", tmp_path / "results.csv")
     monkeypatch.chdir(ROOT)  # the command quoted in results.md names the config as the docs do
@@ -188,7 +188,7 @@ def test_results_written_before_seeds_and_commits_still_read(tmp_path):
 
 
 def test_report_only_without_results_is_one_sentence(tiny_sweep_config, capsys):
-    from gn_diffusion.ablate import main
+    from gn_diffusion.ablation.command import main
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, [str(tiny_sweep_config), "--report-only", str(tiny_sweep_config.parent / "nothing")])

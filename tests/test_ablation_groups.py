@@ -8,11 +8,11 @@ import fcntl
 
 import pytest
 
-import gn_diffusion.ablation_sweep
+import gn_diffusion.ablation.sweep
 
-from gn_diffusion.ablation_grid import Cell, cell_config, grid_cells, grid_rows, load_ablation_config
-from gn_diffusion.ablation_results import read_results_csv
-from gn_diffusion.ablation_sweep import CLAIMS_DIR
+from gn_diffusion.ablation.grid import Cell, cell_config, grid_cells, grid_rows, load_ablation_config
+from gn_diffusion.ablation.results import read_results_csv
+from gn_diffusion.ablation.sweep import CLAIMS_DIR
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import ConfigError
 
@@ -51,7 +51,7 @@ def test_a_held_cell_is_left_then_taken_back_and_the_report_stands_beside_the_pa
     """Side by side: a cell another sweep process holds is left to it, and taken back at the end
     when that process dies without finishing it. Then the grouping report, with the paper's
     column, and its --report-only rebuild, byte for byte."""
-    from gn_diffusion.ablate import main
+    from gn_diffusion.ablation.command import main
 
     out = tiny_sweep_config.parent / "sweep"
     held, free = Cell("group", 4, 0, groups=1), Cell("group", 4, 0, groups=2)
@@ -60,7 +60,7 @@ def test_a_held_cell_is_left_then_taken_back_and_the_report_stands_beside_the_pa
     other = open(lock, "a")  # another open file: the same OS lock another sweep process would hold
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     trained = []
-    real_score = gn_diffusion.ablation_sweep.score_cell
+    real_score = gn_diffusion.ablation.sweep.score_cell
 
     def score_then_let_go(cfg, *args):
         trained.append(cfg.train.output_dir.rsplit("/", 1)[-1])
@@ -68,7 +68,7 @@ def test_a_held_cell_is_left_then_taken_back_and_the_report_stands_beside_the_pa
         return real_score(cfg, *args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gn_diffusion.ablation_sweep, "score_cell", score_then_let_go)
+        patch.setattr(gn_diffusion.ablation.sweep, "score_cell", score_then_let_go)
         run_cli(main, [str(tiny_sweep_config), *GROUPED])
     assert trained == [free.name, held.name]  # the held cell left, then taken back at the end
     printed = capsys.readouterr()

@@ -11,10 +11,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, TINY, assert_fails_cleanly
-from gn_diffusion import ablate, evaluate
-from gn_diffusion.ablation_results import read_results_csv
+from gn_diffusion.ablation import command as ablate
+from gn_diffusion.ablation.results import read_results_csv
 from gn_diffusion.errors import UserError
-from gn_diffusion.layout import UNET_DIR, WEIGHTS_FILE
+from gn_diffusion.evaluate import command as evaluate
+from gn_diffusion.run_folder.layout import UNET_DIR, WEIGHTS_FILE
 
 # ---------------------------------------------------------------------------------------------
 # Model weights

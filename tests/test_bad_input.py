@@ -7,7 +7,7 @@ import sys
 import pytest
 import safetensors.torch
 
-from gn_diffusion.layout import WEIGHTS_FILE
+from gn_diffusion.run_folder.layout import WEIGHTS_FILE
 
 
 from conftest import ROOT, TINY, assert_fails_cleanly, random_model, snapshot, tiny_config

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from gn_diffusion.config import load_config
-from gn_diffusion.training import train
+from gn_diffusion.train.loop import train
 
 from gn_diffusion.cli import run_cli
 

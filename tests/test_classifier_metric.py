@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, shared_classifier_cache
-from gn_diffusion.classifier import ClassifierRecipe, recipe_for
 from gn_diffusion.config import load_config
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.evaluation import digits_evaluator, evaluator_for
+from gn_diffusion.evaluate.classifier import ClassifierRecipe, recipe_for
+from gn_diffusion.evaluate.metric import digits_evaluator, evaluator_for
 
 SIZE = 8
 
@@ -109,7 +109,7 @@ def test_hf_data_trains_the_classifier_on_its_label_column(tmp_path):
 
 
 def test_a_diverged_classifier_is_not_cached(tmp_path):
-    from gn_diffusion.classifier import trained_classifier
+    from gn_diffusion.evaluate.classifier import trained_classifier
 
     images = torch.full((4, 1, SIZE, SIZE), float("nan"))
     labels = torch.tensor([0, 1, 0, 1])

@@ -8,7 +8,7 @@ import pytest
 
 from gn_diffusion import Config, ConfigError, config_from_dict, load_config
 from gn_diffusion.cli import split_args
-from gn_diffusion.unet import check_model_config
+from gn_diffusion.model.unet import check_model_config
 
 from conftest import ROOT
 
@@ -117,8 +117,8 @@ def test_missing_and_malformed_files(tmp_path):
 def test_config_module_imports_nothing_of_the_model():
     """config.py is the bottom of the import graph: no torch, no unet, norms or kernels."""
     code = ("import sys; import gn_diffusion.config; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('gn_diffusion.unet', "
-            "'gn_diffusion.norms', 'gn_diffusion.kernels', 'torch.'))]; print(bad[:5])")
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('gn_diffusion.model', "
+            "'gn_diffusion.kernels', 'torch.'))]; print(bad[:5])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == "[]", done.stdout

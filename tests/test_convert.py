@@ -1,4 +1,4 @@
-"""python -m gn_diffusion.convert cifar10 ARCHIVE OUT: the image folders it writes, and the archives
+"""python -m gn_diffusion.data.convert cifar10 ARCHIVE OUT: the image folders it writes, and the archives
 it refuses in one sentence (damaged, inflating past CIFAR-10's sizes, class names that cannot be
 folders). Every archive here is built by the test, with 3 records a batch instead of 10,000."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gn_diffusion import convert
-from gn_diffusion.data import build_dataset
+from gn_diffusion.data import convert
+from gn_diffusion.data.dataset import build_dataset
 from conftest import assert_fails_cleanly, tiny_config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -1,4 +1,4 @@
-"""python -m gn_diffusion.convert fashion-mnist DIR OUT: the class folders it writes from the four
+"""python -m gn_diffusion.data.convert fashion-mnist DIR OUT: the class folders it writes from the four
 idx files, and the files it refuses in one sentence (another magic number, cut short, counts that
 disagree, labels outside 0-9, data past the header). The tests write tiny idx files: 12 training
 and 10 test images instead of 60,000 and 10,000."""
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from gn_diffusion import convert
-from gn_diffusion.data import build_dataset
+from gn_diffusion.data import convert
+from gn_diffusion.data.dataset import build_dataset
 from conftest import assert_fails_cleanly, tiny_config
 
 COUNTS = {"train": 12, "t10k": 10}  # every class in both splits, as in the data set

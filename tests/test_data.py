@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gn_diffusion.data import build_dataset, image_folder_arrays
+from gn_diffusion.data.dataset import build_dataset, image_folder_arrays
 from gn_diffusion.errors import UserError
 from conftest import tiny_config
 

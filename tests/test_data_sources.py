@@ -9,15 +9,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import gn_diffusion.hf_source as hf_source
-import gn_diffusion.sources as sources
-from gn_diffusion.config import ConfigError
-from gn_diffusion.data import build_dataset, collate_batch, folder_source
-from gn_diffusion.diffusion import draw_step, random_crop, seeded_generator
+import gn_diffusion.data.hf_source as hf_source
+import gn_diffusion.data.sources as sources
+from gn_diffusion.data.dataset import build_dataset, collate_batch, folder_source
+from gn_diffusion.diffusion.draws import draw_step, random_crop
+from gn_diffusion.diffusion.seeding import seeded_generator
+from gn_diffusion.errors import ConfigError
 from gn_diffusion.errors import UserError
-from gn_diffusion.evaluation import evaluator_for
-from gn_diffusion.sampling import generate, load_model
-from gn_diffusion.training import EpochBatches, train
+from gn_diffusion.evaluate.metric import evaluator_for
+from gn_diffusion.sample.generate import generate
+from gn_diffusion.sample.model_folder import load_model
+from gn_diffusion.train.loop import EpochBatches, train
 from conftest import assert_fails_cleanly, tiny_config
 from test_resume import STRESS, assert_identical, checkpoint_state
 

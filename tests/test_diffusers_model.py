@@ -15,7 +15,7 @@ from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 from diffusers.models import modeling_utils
 from diffusers.training_utils import EMAModel
 
-from gn_diffusion.unet import GNUNet
+from gn_diffusion.model.unet import GNUNet
 
 # Two levels, attention at 4x4 (and in the middle), three classes: every kind of layer GNUNet has.
 INIT = dict(sample_size=8, in_channels=3, out_channels=None, base_channels=8, channel_mult=[1, 2],

@@ -12,12 +12,14 @@ import torch
 
 from conftest import shared_classifier_cache
 from gn_diffusion.config import Config, EvalConfig, RuntimeConfig
-from gn_diffusion.data import digits_arrays
-from gn_diffusion.digits_classifier import ClassifierRecipe, digits_classifier
+from gn_diffusion.data.dataset import digits_arrays
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.evaluate import evaluation_config
-from gn_diffusion.evaluation import Evaluator, digits_evaluator
-from gn_diffusion.metrics import class_counts, class_coverage, frechet_distance, kernel_inception_distance, kl_from_uniform
+from gn_diffusion.evaluate.classifier import ClassifierRecipe
+from gn_diffusion.evaluate.command import evaluation_config
+from gn_diffusion.evaluate.digits import digits_classifier
+from gn_diffusion.evaluate.metric import Evaluator, digits_evaluator
+from gn_diffusion.evaluate.scores import (class_counts, class_coverage, frechet_distance, kernel_inception_distance,
+                                          kl_from_uniform)
 
 SIZE = 8  # the digits' native resolution: the fastest classifier to train
 
@@ -160,8 +162,8 @@ TINY_UNET = [f"model.image_size={SIZE}", "model.base_channels=8", "model.channel
 def export_untrained(run, overrides=()):
     """An untrained tiny U-Net exported the way training exports its EMA model."""
     from gn_diffusion.config import load_config
-    from gn_diffusion.pipeline import export_model
-    from gn_diffusion.unet import build_unet
+    from gn_diffusion.model.unet import build_unet
+    from gn_diffusion.sample.model_folder import export_model
 
     cfg = load_config(None, [*TINY_UNET, *overrides])
     torch.manual_seed(0)
@@ -186,7 +188,7 @@ def pixel_features(tmp_path, monkeypatch):
 
 
 def test_evaluate_command_scores_an_exported_model_beside_its_floor(exported_run, cache, capsys):
-    from gn_diffusion.evaluate import main
+    from gn_diffusion.evaluate.command import main
 
     main([str(exported_run), "eval.num_samples=40", "eval.kid_subsets=5", f"eval.cache_dir={cache}",
           "sample.num_inference_steps=2"])
@@ -199,7 +201,7 @@ def test_evaluate_command_scores_an_exported_model_beside_its_floor(exported_run
 
 
 def test_a_run_trained_with_triton_kernels_evaluates_on_the_cpu(tmp_path, pixel_features):
-    from gn_diffusion.evaluate import main
+    from gn_diffusion.evaluate.command import main
 
     run = export_untrained(tmp_path / "run", ["runtime.backend=triton"])
     main([str(run), f"eval.extractor={pixel_features}", "eval.num_samples=8", "eval.kid_subsets=2",
@@ -208,7 +210,7 @@ def test_a_run_trained_with_triton_kernels_evaluates_on_the_cpu(tmp_path, pixel_
 
 
 def test_evaluate_command_takes_a_plugged_extractor(exported_run, pixel_features, capsys):
-    from gn_diffusion.evaluate import main
+    from gn_diffusion.evaluate.command import main
 
     main([str(exported_run), f"eval.extractor={pixel_features}", "eval.num_samples=20", "eval.kid_subsets=5",
           "sample.num_inference_steps=2"])
@@ -221,7 +223,7 @@ def test_evaluate_command_takes_a_plugged_extractor(exported_run, pixel_features
 def test_evaluate_command_scores_an_image_folder_model_against_held_out_images(tmp_path, pixel_features):
     from PIL import Image
 
-    from gn_diffusion.evaluate import main
+    from gn_diffusion.evaluate.command import main
 
     images, _ = digits_arrays("all", SIZE)
     pixels = ((images[:, 0] + 1) * 127.5).round().byte().numpy()
@@ -240,7 +242,7 @@ def test_evaluate_command_scores_an_image_folder_model_against_held_out_images(t
 
 def test_evaluate_command_rejects_bad_input_with_one_sentence(tmp_path, capsys):
     from gn_diffusion.cli import run_cli
-    from gn_diffusion.evaluate import main
+    from gn_diffusion.evaluate.command import main
 
     for argv in ([str(tmp_path / "missing")], [str(tmp_path), "model.norm=batch"], []):
         with pytest.raises(SystemExit) as exit_info:

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import gn_diffusion.sample.output as sample_output
 from gn_diffusion.config import load_config, save_config
-from gn_diffusion.convert import main as convert_main
+from gn_diffusion.data.convert import main as convert_main
 from gn_diffusion.errors import file_system_sentence
 from gn_diffusion.images import save_grid
-from gn_diffusion.pipeline import export_model
-import gn_diffusion.sampling as sampling
-from gn_diffusion.sampling import load_model
-from gn_diffusion.training import train
+from gn_diffusion.sample.model_folder import export_model
+from gn_diffusion.sample.model_folder import load_model
+from gn_diffusion.train.loop import train
 
 from conftest import ROOT, TINY, assert_fails_cleanly, launch_two_processes, random_model, snapshot, tiny_config
 from test_convert import cifar_archive, small_batches  # noqa: F401 (small_batches: the converter's batch size for those archives)
@@ -169,7 +169,7 @@ def test_a_sample_set_on_a_full_disk_keeps_the_previous_set(run_dir, small_disk,
     (out / "grid.png").write_bytes(b"the previous set")
     fill(small_disk, leave=8192)  # the write probe passes; the set does not fit
     started = []  # the set's first write, made (or tried) after every check
-    monkeypatch.setattr(sampling, "save_grid", lambda *args, **kwargs: (started.append(1), save_grid(*args, **kwargs)))
+    monkeypatch.setattr(sample_output, "save_grid", lambda *args, **kwargs: (started.append(1), save_grid(*args, **kwargs)))
     assert_fails_cleanly(capsys, "sample.py", [str(run_dir), f"sample.output_dir={out}"],
                          f"the disk holding {out} is full", small_disk)
     assert started, "the disk was full before the set was written: the probe, not the set, refused"
@@ -254,8 +254,8 @@ def _one_process_full_at_a_checkpoint(out: str):
     import accelerate.checkpointing
     from accelerate import Accelerator
 
-    from gn_diffusion.checkpoint import save_checkpoint
-    from gn_diffusion.ema import EMA
+    from gn_diffusion.run_folder.checkpoint import save_checkpoint
+    from gn_diffusion.train.ema import EMA
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2

@@ -11,8 +11,8 @@ import yaml
 
 from gn_diffusion.config import load_config, save_config
 from gn_diffusion.errors import ConfigError
-from gn_diffusion.norms import GroupNorm32
-from gn_diffusion.unet import GNUNet, build_unet, check_model_config
+from gn_diffusion.model.norms import GroupNorm32
+from gn_diffusion.model.unet import GNUNet, build_unet, check_model_config
 from conftest import random_model
 
 # Widths 16, 32 and the skip concatenations 48 and 64 (see unet.norm_widths).

@@ -8,8 +8,8 @@ import torch
 
 from gn_diffusion.cli import run_cli
 from gn_diffusion.config import load_config
-from gn_diffusion.op_count import OpCounter
-from gn_diffusion.training import plan_run, start_session, train
+from gn_diffusion.train.loop import plan_run, start_session, train
+from op_count import OpCounter
 
 from conftest import assert_fails_cleanly, script_main, snapshot, tiny_config
 
@@ -35,7 +35,7 @@ def test_a_skipped_step_leaves_everything_as_it_was_and_is_counted(tmp_path, mon
     session = start_session(plan_run(tiny_config(tmp_path / "run", *BN)))
     session.step(session.data, 0)
     before = state_of(session)
-    import gn_diffusion.step as step_module
+    import gn_diffusion.train.step as step_module
 
     real = step_module.objective
     monkeypatch.setattr(step_module, "objective", lambda *a: real(*a) * float("nan"))

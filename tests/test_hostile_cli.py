@@ -7,7 +7,7 @@ import pytest
 
 from gn_diffusion.cli import run_cli
 from gn_diffusion.errors import UserError
-from gn_diffusion.run_dir import check_output_path
+from gn_diffusion.run_folder.claim import check_output_path
 from conftest import TINY, assert_fails_cleanly, script_main, tiny_config
 
 

@@ -16,19 +16,20 @@ import urllib.error
 import pytest
 import torch
 
-from gn_diffusion import evaluate, sampling
+import gn_diffusion.sample.generate as generation
 from gn_diffusion.config import EvalConfig, load_config
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.evaluation import evaluator_for, load_extractor
+from gn_diffusion.evaluate import command as evaluate
+from gn_diffusion.evaluate.inception import DIMENSION, to_inception_input
+from gn_diffusion.evaluate.metric import evaluator_for, load_extractor
 from gn_diffusion.images import to_uint8
-from gn_diffusion.inception import DIMENSION, to_inception_input
 
 from conftest import assert_fails_cleanly
 
 
 
 def library():
-    from gn_diffusion.inception import _library
+    from gn_diffusion.evaluate.inception import _library
 
     return _library()
 
@@ -127,7 +128,7 @@ def test_offline_without_weights_is_one_sentence(run_dir, tmp_path, capsys, monk
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(library(), "load_state_dict_from_url", offline)
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled before the extractor was built"))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("sampled before the extractor was built"))
     assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.extractor=inception", "eval.num_samples=4"],
                          "cannot be downloaded here ([Errno -2] Name or service not known)", tmp_path)
 

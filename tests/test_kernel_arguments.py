@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gn_diffusion.kernels import ArgumentError, group_norm_silu, triton_impl
-from gn_diffusion.norms import GroupNorm32
+from gn_diffusion.model.norms import GroupNorm32
 # Fixtures of test_kernels: Triton's interpreter and NaN in every fresh kernel output (autouse);
 # `device`, the interpreter on CPU tensors or compiled kernels on CUDA.
 from test_kernels import device, interpreted_and_poisoned, oracle  # noqa: F401

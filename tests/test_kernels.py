@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 
-from gn_diffusion.config import RuntimeConfig
 from gn_diffusion import build_unet, load_config
+from gn_diffusion.config import RuntimeConfig
 from gn_diffusion.errors import ConfigError
 from gn_diffusion.kernels import check_layer, group_norm_silu, triton_impl, use_triton
 from gn_diffusion.kernels.function import GroupNormSiLUFunction
 from gn_diffusion.kernels.ops import group_norm_silu_op
-from gn_diffusion.norms import GroupNorm32
+from gn_diffusion.model.norms import GroupNorm32
 
 pytest.importorskip("triton")
 

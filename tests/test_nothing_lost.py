@@ -24,10 +24,12 @@ import yaml
 from PIL import Image
 
 import gn_diffusion.files as files
-import gn_diffusion.sampling as sampling
-from gn_diffusion import ablate, evaluate
+import gn_diffusion.sample.generate as generation
+import gn_diffusion.sample.output as sample_output
+from gn_diffusion.ablation import command as ablate
 from gn_diffusion.cli import run_cli
-from gn_diffusion.data import build_dataset, image_folder_arrays
+from gn_diffusion.data.dataset import build_dataset, image_folder_arrays
+from gn_diffusion.evaluate import command as evaluate
 
 from conftest import ROOT, TINY, assert_fails_cleanly, script_main, snapshot, tiny_config
 
@@ -41,7 +43,7 @@ def no_sampling(monkeypatch):
     """Sampling is the long part: a refusal must come before it."""
     def refuse(*args, **kwargs):
         raise AssertionError("sampled before every check had passed")
-    monkeypatch.setattr(sampling, "generate", refuse)
+    monkeypatch.setattr(generation, "generate", refuse)
 
 
 def failing_disk(monkeypatch, code):
@@ -181,7 +183,7 @@ def test_a_reused_output_folder_holds_one_whole_set(run_dir, tmp_path, capsys, m
 
     def full_disk(images, folder):  # the disk fills while the new set is written
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(sampling, "save_pngs", full_disk)
+    monkeypatch.setattr(sample_output, "save_pngs", full_disk)
     assert_fails_cleanly(capsys, "sample.py", [str(run_dir), f"sample.output_dir={out}"], f"the disk holding {out} is full",
                          tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "run"]  # no half-written set left beside

@@ -14,18 +14,30 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
 
 from gn_diffusion.config import save_config
-from gn_diffusion.diffusion import make_scheduler, seeded_generator
+from gn_diffusion.diffusion.schedules import make_scheduler
+from gn_diffusion.diffusion.seeding import seeded_generator
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
-from gn_diffusion.model_io import init_weights_from
-from gn_diffusion.pipeline import export_model
-from gn_diffusion.pipeline import GNDDPMPipeline, GNPipeline, load_pipeline  # also makes them findable by diffusers
-from gn_diffusion.sampling import check_sampling, generate, load_model, model_dir, sample_main
-from gn_diffusion.unet import build_unet
+from gn_diffusion.model.unet import build_unet
+from gn_diffusion.run_folder.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
+from gn_diffusion.run_folder.weights import init_weights_from
+from gn_diffusion.sample.checks import check_sampling
+from gn_diffusion.sample.command import sample_main
+from gn_diffusion.sample.generate import generate
+from gn_diffusion.sample.model_folder import export_model, load_model, model_dir
+from gn_diffusion.sample.pipeline import GNDDPMPipeline, GNPipeline, register_with_diffusers
 
 from conftest import random_model, tiny_config
 
 SEED = 5
+
+register_with_diffusers()  # DiffusionPipeline.from_pretrained finds GNPipeline and GNDDPMPipeline
+
+
+def load_pipeline(path, scheduler: str) -> GNPipeline:
+    """A GNPipeline for a run or model folder, loaded through load_model's checks, with sample.py's
+    scheduler `scheduler` built as make_scheduler builds it."""
+    model, cfg = load_model(path)
+    return GNPipeline(unet=model, scheduler=make_scheduler(cfg.diffusion, scheduler))
 
 
 def with_sample(cfg, **changes):
@@ -74,7 +86,7 @@ def test_the_model_folder_is_a_diffusers_pipeline_folder(unconditional, conditio
         "config.yaml", "model_index.json", "scheduler", "scheduler/scheduler_config.json",
         "unet", "unet/config.json", f"unet/{WEIGHTS_FILE}"]
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["unet"] == ["gn_diffusion.unet", "GNUNet"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["unet"] == ["gn_diffusion.model.unet", "GNUNet"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["_class_name"] == "GNDDPMPipeline"
     assert json.loads((conditional / "model" / "model_index.json").read_text())["_class_name"] == "GNPipeline"
     assert not list(folder.parent.glob(".tmp-*")) and not list(folder.parent.glob(".old-*"))

@@ -11,10 +11,10 @@ import safetensors.torch
 import torch
 from accelerate.state import PartialState
 
-from gn_diffusion.checkpoint import latest_checkpoint
 from gn_diffusion.errors import UserError
 from gn_diffusion.files import take_lock
-from gn_diffusion.training import plan_run, train
+from gn_diffusion.run_folder.checkpoint import latest_checkpoint
+from gn_diffusion.train.loop import plan_run, train
 from conftest import in_each_process, launch_two_processes, tiny_config
 
 # Dropout, flips, label dropout and accumulation all draw randomness that must resume exactly.

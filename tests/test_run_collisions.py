@@ -13,15 +13,15 @@ import sys
 import pytest
 from PIL import Image
 
-import gn_diffusion.sampling as sampling
-from gn_diffusion import evaluate
-from gn_diffusion.checkpoint import list_checkpoints
+import gn_diffusion.sample.generate as generation
 from gn_diffusion.config import save_config
-from gn_diffusion.data import build_dataset
+from gn_diffusion.data.dataset import build_dataset
 from gn_diffusion.errors import UserError
-from gn_diffusion.layout import RunLayout
-from gn_diffusion.run_dir import claim_output_dir
-from gn_diffusion.training import plan_run, train
+from gn_diffusion.evaluate import command as evaluate
+from gn_diffusion.run_folder.checkpoint import list_checkpoints
+from gn_diffusion.run_folder.claim import claim_output_dir
+from gn_diffusion.run_folder.layout import RunLayout
+from gn_diffusion.train.loop import plan_run, train
 
 from conftest import ROOT, TINY, assert_fails_cleanly, snapshot, tiny_config
 
@@ -49,7 +49,7 @@ def train_args(out, *extra):
 # 1. One process writes a run folder at a time.
 
 def test_a_locked_run_folder_is_refused_naming_the_holder_until_it_dies(run_dir, capsys, monkeypatch):
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled into a locked run"))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("sampled into a locked run"))
     with lock_held_elsewhere(run_dir) as holder:
         said = f"{run_dir} is in use by process {holder.pid}, which holds its lock {run_dir / '.lock'}; "
         assert_fails_cleanly(capsys, "train.py", train_args(run_dir, "train.resume=auto"),

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from gn_diffusion.config import RuntimeConfig
-from gn_diffusion.pipeline import export_model
-from gn_diffusion.sampling import generate, load_model, sample_main
+from gn_diffusion.sample.command import sample_main
+from gn_diffusion.sample.generate import generate
+from gn_diffusion.sample.model_folder import export_model
+from gn_diffusion.sample.model_folder import load_model
 
 from conftest import in_each_process, launch_two_processes, random_model, tiny_config
 

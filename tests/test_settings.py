@@ -38,7 +38,7 @@ def train_args(out, *extra):
 def test_every_seed_of_the_schema_is_bounded_by_what_its_generators_take():
     from accelerate.utils import set_seed
 
-    from gn_diffusion.diffusion import seeded_generator
+    from gn_diffusion.diffusion.seeding import seeded_generator
 
     seeds = [(key, kind) for key, kind, *_ in describe_fields(type(load_config()))
              if key.rsplit(".", 1)[1] == "seed"]
@@ -59,7 +59,7 @@ def test_a_seed_out_of_range_is_one_sentence(override):
 
 
 def test_the_ablation_grids_seeds_are_bounded_too():
-    from gn_diffusion.ablation_grid import load_ablation_config
+    from gn_diffusion.ablation.grid import load_ablation_config
 
     with pytest.raises(ConfigError, match=r"'grid.seeds' must be in \[0, 4294967295\], got \[0, -1\]"):
         load_ablation_config(ROOT / "configs" / "ablation_norms.yaml", ["grid.seeds=[0, -1]"])
@@ -109,7 +109,7 @@ def test_a_model_too_large_to_build_names_its_width(tmp_path, capsys):
 
 
 def test_a_training_step_out_of_memory_names_the_batch_size(tmp_path, capsys, monkeypatch):
-    from gn_diffusion.step import TrainStep
+    from gn_diffusion.train.step import TrainStep
 
     monkeypatch.setattr(TrainStep, "__call__", lambda self, data, step: torch.empty(TOO_MUCH))  # as a huge batch
     with pytest.raises(SystemExit) as info:
@@ -134,7 +134,8 @@ def test_too_many_images_are_refused_before_any_work(run_dir, tmp_path, capsys):
 def test_the_memory_check_names_a_count_that_fits(run_dir):
     import psutil
 
-    from gn_diffusion.sampling import check_images_fit, images_bytes, sample_config
+    from gn_diffusion.sample.checks import check_images_fit, images_bytes
+    from gn_diffusion.sample.command import sample_config
 
     cfg = sample_config(str(run_dir), ["sample.num_images=1000000000"])
     with pytest.raises(ConfigError) as info:
@@ -180,8 +181,8 @@ def test_a_data_loader_workers_out_of_memory_keeps_its_one_sentence():
 def test_an_image_too_large_for_memory_names_the_pixel_limit(tmp_path, monkeypatch):
     from PIL import Image
 
-    from gn_diffusion import sources
-    from gn_diffusion.data import folder_source
+    from gn_diffusion.data import sources
+    from gn_diffusion.data.dataset import folder_source
     from gn_diffusion.memory import OutOfMemory
 
     Image.new("L", (4, 4)).save(tmp_path / "a.png")

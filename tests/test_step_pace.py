@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 
-from gn_diffusion.diffusion import draw_step, noise_tables, objective, seeded_generator
-from gn_diffusion.op_count import OpCounter
-from gn_diffusion.training import plan_run, start_session, train
+from gn_diffusion.diffusion.draws import draw_step
+from gn_diffusion.diffusion.objective import objective
+from gn_diffusion.diffusion.schedules import noise_tables
+from gn_diffusion.diffusion.seeding import seeded_generator
+from gn_diffusion.train.loop import plan_run, start_session, train
+from op_count import OpCounter
 
 from conftest import TINY, assert_fails_cleanly, tiny_config
 
@@ -53,7 +56,7 @@ def test_training_objective_traces_without_a_graph_break(tmp_path):
                           "data.random_flip=true", *attention)
         if backend == "triton":
             pytest.importorskip("triton")
-        from gn_diffusion.unet import build_unet
+        from gn_diffusion.model.unet import build_unet
 
         images, labels = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
         draws = draw_step(images, cfg.diffusion.num_train_timesteps, 0.5, seeded_generator(0, 1))
@@ -70,7 +73,7 @@ def test_training_objective_traces_without_a_graph_break(tmp_path):
 def graphs_compiled(monkeypatch, cfg) -> tuple[int, int]:
     """Graphs dynamo compiled by the end of a run's first step, and by the end of the run (with
     the eager backend: no code generation)."""
-    import gn_diffusion.training as training
+    import gn_diffusion.train.loop as training
     from gn_diffusion.runtime import compile_model
 
     after_first = []
@@ -112,7 +115,7 @@ def test_checkpoints_record_how_they_were_made_and_a_changed_resume_says_so(tmp_
 
 def test_channels_last_trains_and_exports(tmp_path):
     out = train(tiny_config(tmp_path, *SHRUNK, "train.max_steps=2", "runtime.channels_last=true"), progress=False)
-    from gn_diffusion.sampling import load_model
+    from gn_diffusion.sample.model_folder import load_model
 
     model, _ = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -146,7 +149,7 @@ def test_the_eager_triton_norm_plans_once_per_forward_and_backward_and_refuses_d
     """The backward reuses the forward's launch plan. A backward that builds a graph works (its
     first-order results are right), and only differentiating those results again is refused."""
     from gn_diffusion.kernels import triton_impl
-    from gn_diffusion.norms import GroupNorm32
+    from gn_diffusion.model.norms import GroupNorm32
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     norm = GroupNorm32(2, 4, backend="triton")
@@ -167,7 +170,7 @@ def test_the_eager_triton_norm_plans_once_per_forward_and_backward_and_refuses_d
 def test_attention_runs_sdpas_fused_kernel_not_its_math_path(heads):
     """q, k and v reach scaled_dot_product_attention with the head dimension contiguous; else
     it falls back to the math path, which materializes the attention matrix (CPU and CUDA)."""
-    from gn_diffusion.unet import AttentionBlock, NormSpec
+    from gn_diffusion.model.unet import AttentionBlock, NormSpec
 
     block = AttentionBlock(16, heads, NormSpec(kind="group", groups=4, eps=1e-5, backend="torch"))
     with OpCounter() as ops:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gn_diffusion.norms import SyncBatchNorm
+from gn_diffusion.model.norms import SyncBatchNorm
 from conftest import in_each_process, launch_two_processes
 
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)

@@ -1,6 +1,6 @@
 """Trackers: tensorboard (with the sample grids as images), wandb offline with no network, none."""
 
-from gn_diffusion.training import train
+from gn_diffusion.train.loop import train
 
 from conftest import tiny_config
 

@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from gn_diffusion.errors import ConfigError
 from gn_diffusion.config import RuntimeConfig, load_config
-from gn_diffusion.diffusion import denoising_loss, noise_schedule, training_loss
-from gn_diffusion.ema import EMA
-from gn_diffusion.sampling import generate, load_model
-from gn_diffusion.step import learning_rate, to_device
-from gn_diffusion.training import EpochBatches, train
-from gn_diffusion.unet import build_unet
+from gn_diffusion.diffusion.objective import denoising_loss, training_loss
+from gn_diffusion.diffusion.schedules import noise_schedule
+from gn_diffusion.errors import ConfigError
+from gn_diffusion.model.unet import build_unet
+from gn_diffusion.sample.generate import generate
+from gn_diffusion.sample.model_folder import load_model
+from gn_diffusion.train.ema import EMA
+from gn_diffusion.train.loop import EpochBatches, train
+from gn_diffusion.train.step import learning_rate, to_device
 
 from conftest import tiny_config
 
@@ -169,7 +171,7 @@ def test_zero_terminal_snr_needs_v_prediction_and_stays_finite_at_the_last_step(
     loss = denoising_loss(Predicts(torch.zeros(1, 1, 1, 1)), torch.randn(2, 1, 8, 8), t, torch.randn(2, 1, 8, 8),
                           None, cfg.diffusion)
     assert torch.isfinite(loss).all()
-    from gn_diffusion.diffusion import make_scheduler
+    from gn_diffusion.diffusion.schedules import make_scheduler
 
     scheduler = make_scheduler(cfg.diffusion, "ddim")
     scheduler.set_timesteps(5)
@@ -177,7 +179,8 @@ def test_zero_terminal_snr_needs_v_prediction_and_stays_finite_at_the_last_step(
 
 
 def test_offset_noise_adds_a_constant_per_sample_and_channel_drawn_last(tmp_path):
-    from gn_diffusion.diffusion import draw_step, seeded_generator
+    from gn_diffusion.diffusion.draws import draw_step
+    from gn_diffusion.diffusion.seeding import seeded_generator
 
     images = torch.zeros(4, 3, 8, 8)
     plain = draw_step(images, 100, 0.1, seeded_generator(1))
@@ -189,7 +192,9 @@ def test_offset_noise_adds_a_constant_per_sample_and_channel_drawn_last(tmp_path
 
 def test_offset_noise_loss_is_finite_at_the_last_step_and_trains_on_the_offset(tmp_path):
     """The loss with offset noise: its target (epsilon) carries the offset, finite up to t = T - 1."""
-    from gn_diffusion.diffusion import draw_step, objective, seeded_generator
+    from gn_diffusion.diffusion.draws import draw_step
+    from gn_diffusion.diffusion.objective import objective
+    from gn_diffusion.diffusion.seeding import seeded_generator
 
     cfg = tiny_config(tmp_path, "diffusion.offset_noise=0.5")
     images = torch.zeros(2, 1, 8, 8)
@@ -207,8 +212,10 @@ def test_steps_clip_like_clip_grad_norm_then_update_like_adamw(tmp_path, clip, w
     single-tensor AdamW at the step's learning rate."""
     import copy
 
-    from gn_diffusion.diffusion import draw_step, mixed_seed, objective
-    from gn_diffusion.training import plan_run, start_session
+    from gn_diffusion.diffusion.draws import draw_step
+    from gn_diffusion.diffusion.objective import objective
+    from gn_diffusion.diffusion.seeding import mixed_seed
+    from gn_diffusion.train.loop import plan_run, start_session
 
     cfg = tiny_config(tmp_path / "run", f"train.grad_clip={clip}", f"train.weight_decay={weight_decay}",
                       f"train.gradient_accumulation_steps={accumulation}", "runtime.backend=torch")
