@@ -10,8 +10,10 @@
 # (diffusers' own needs, huggingface_hub, safetensors and regex, are in the image: check KINDS.md).
 # Rehearsed on the CPU with the image's versions (Python 3.12, torch 2.11, Triton 3.6, numpy
 # 2.5, no datasets/wandb/torch-fidelity): every step starts, and the tests' CPU part passes.
-# then run `bash benchmarks/gpu_session.sh` on the device with carry [".whl"], and copy the
-# files back under benchmarks/results/ (their names carry the GPU's name).
+# For the Fashion-MNIST step, put the four idx files in .fashion/ (echo /.fashion/ >> .git/info/exclude;
+#   cp /usr/share/datasets/fashion-mnist/*.gz .fashion/   # 30 MB) and carry it too.
+# then run `bash benchmarks/gpu_session.sh` on the device with carry [".whl", ".fashion"], and copy
+# the files back under benchmarks/results/ (their names carry the GPU's name).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -41,5 +43,19 @@ step train_step 180 python3 benchmarks/bench_train_step.py --batches 8 32 128 --
     --backends triton --channels-last on --compile-skip ours-cifar10 diffusers --reps 10 --loop-reps 20 --out "$OUT"
 step train 80 python3 train.py configs/digits.yaml train.max_steps=600 train.sample_every=600 \
     train.checkpoint_every=600 train.output_dir=/tmp/gpu-digits runtime.cpu_threads=0
+# Real data at a GPU-sized batch: configs/fashion_mnist.yaml at batch 256 in bf16, compiled, for
+# 2,000 steps (512,000 images: 8.5 epochs), then scored as the README's CPU run is.
+FASHION=${FASHION_MNIST_DIR:-.fashion}
+if [ -f "$FASHION/train-images-idx3-ubyte.gz" ]; then
+    step fashion_data 60 python3 -m gn_diffusion.data.convert fashion-mnist "$FASHION" /tmp/gpu-fashion-data
+    step fashion 300 python3 train.py configs/fashion_mnist.yaml data.path=/tmp/gpu-fashion-data/train \
+        eval.reference_dir=/tmp/gpu-fashion-data/test train.output_dir=/tmp/gpu-fashion train.batch_size=256 \
+        train.max_steps=2000 train.mixed_precision=bf16 runtime.compile=default train.sample_every=2000 \
+        train.checkpoint_every=2000 runtime.cpu_threads=0
+    step fashion_eval 180 python3 -m gn_diffusion.evaluate /tmp/gpu-fashion
+    cp /tmp/gpu-fashion/evaluation.json "$OUT/fashion_evaluation.json" 2>/dev/null
+else
+    echo "fashion     skipped: no $FASHION/train-images-idx3-ubyte.gz (see the header)" | tee -a "$OUT/summary.txt"
+fi
 grep -E "images/s|passed|failed|error" "$LOG" | tail -n 20
 cat "$OUT/summary.txt"

@@ -94,10 +94,10 @@ def test_convert_refuses_a_bad_archive_in_one_sentence(tmp_path, capsys, case, m
                       damage={"data_batch_3.bin": lambda data: data[:-5]} if case == "truncated_batch" else None)
     if case == "taken":
         (tmp_path / "out" / "train").mkdir(parents=True)
-    refuse(capsys, archive, tmp_path, message.format(archive=archive))
+    assert_refused(capsys, archive, tmp_path, message.format(archive=archive))
 
 
-def refuse(capsys, archive, tmp_path, message):
+def assert_refused(capsys, archive, tmp_path, message):
     """convert refuses `archive` with `message`, every file kept and no split written."""
     assert_fails_cleanly(capsys, convert.main, ["cifar10", str(archive), str(tmp_path / "out")], message, tmp_path)
     assert not (tmp_path / "out" / "test").exists()
@@ -106,7 +106,7 @@ def refuse(capsys, archive, tmp_path, message):
 def test_a_batch_of_another_record_count_is_refused(tmp_path, capsys):
     archive, _ = cifar_archive(tmp_path / "cifar-10-binary.tar.gz",
                                damage={"test_batch.bin": lambda data: data + data[:3073]})  # a record too many
-    refuse(capsys, archive, tmp_path, f"test_batch.bin in {archive} holds {BATCH_BYTES + 3073} bytes where "
+    assert_refused(capsys, archive, tmp_path, f"test_batch.bin in {archive} holds {BATCH_BYTES + 3073} bytes where "
                                       f"CIFAR-10's holds {BATCH_BYTES};")
 
 
@@ -116,7 +116,7 @@ def test_a_batch_of_another_record_count_is_refused(tmp_path, capsys):
 ])
 def test_a_member_larger_than_cifar10s_is_refused_unread(tmp_path, capsys, member, size, want):
     archive, _ = cifar_archive(tmp_path / "cifar-10-binary.tar.gz", bomb=(member, size))
-    refuse(capsys, archive, tmp_path, f"{member} in {archive} holds {size} bytes where CIFAR-10's holds {want};")
+    assert_refused(capsys, archive, tmp_path, f"{member} in {archive} holds {size} bytes where CIFAR-10's holds {want};")
 
 
 @pytest.mark.parametrize("bad, shown", [
@@ -125,10 +125,10 @@ def test_a_member_larger_than_cifar10s_is_refused_unread(tmp_path, capsys, membe
 ])
 def test_a_class_name_that_cannot_be_a_folder_is_refused_by_its_line(tmp_path, capsys, bad, shown):
     archive, _ = cifar_archive(tmp_path / "cifar-10-binary.tar.gz", classes=[*CLASSES[:3], bad, *CLASSES[4:]])
-    refuse(capsys, archive, tmp_path, f"batches.meta.txt:4 in {archive} names the class {shown}, which cannot be "
+    assert_refused(capsys, archive, tmp_path, f"batches.meta.txt:4 in {archive} names the class {shown}, which cannot be "
                                       "a folder name")
 
 
 def test_class_names_differing_only_in_case_are_refused(tmp_path, capsys):
     archive, _ = cifar_archive(tmp_path / "cifar-10-binary.tar.gz", classes=[*CLASSES[:9], "AIRPLANE"])
-    refuse(capsys, archive, tmp_path, "should name 10 distinct classes")
+    assert_refused(capsys, archive, tmp_path, "should name 10 distinct classes")
