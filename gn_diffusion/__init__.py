@@ -13,7 +13,7 @@ _HOMES = {
                "SampleConfig", "TrainConfig", "config_from_dict", "load_config", "save_config"],
     "errors": ["ConfigError", "UserError"],
     "kernels": ["group_norm_silu"],
-    "model.norms": ["available_norms", "make_norm", "norm_act", "register_norm"],
+    "model.norms": ["available_norms", "make_norm", "register_norm"],
     "model.unet": ["GNUNet", "build_unet"],
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}

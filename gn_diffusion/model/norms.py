@@ -149,9 +149,3 @@ def _sync_batch(num_channels: int, groups: int, eps: float, affine: bool, backen
 @register_norm("none")
 def _none(num_channels: int, groups: int, eps: float, affine: bool, backend: str) -> nn.Module:
     return ModulatedNorm()
-
-
-def norm_act(norm: nn.Module, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
-             shift: Optional[torch.Tensor] = None, act: bool = True) -> torch.Tensor:
-    """`silu(norm(x) * (1 + scale) + shift)`: the U-Net's one norm+activation call."""
-    return norm(x, scale, shift, act)

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import ConfigError
-from .norms import check_norm_name, make_norm, norm_act, norm_uses_groups
+from .norms import check_norm_name, make_norm, norm_uses_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,13 +144,13 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(norm_act(self.norm1, x))
+        h = self.conv1(self.norm1(x, act=True))
         e = self.emb_proj(F.silu(emb))
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = norm_act(self.norm2, h, scale, shift)
+            h = self.norm2(h, scale, shift, act=True)
         else:
-            h = norm_act(self.norm2, h + e[:, :, None, None].to(h.dtype))
+            h = self.norm2(h + e[:, :, None, None].to(h.dtype), act=True)
         h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
@@ -169,7 +169,7 @@ class AttentionBlock(nn.Module):
         # The 1x1 convolutions run as matmuls over the pixels, so q, k and v come out with the
         # head dimension contiguous: SDPA's fused (flash) kernels need that, and without it fall
         # back to the math path, which materializes the attention matrix (on the CPU as on CUDA).
-        tokens = rearrange(norm_act(self.norm, x, act=False), "b c h w -> b (h w) c")
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
         qkv = self.qkv(tokens)
         q, k, v = rearrange(qkv, "b l (three heads d) -> three b heads l d", three=3, heads=self.heads)
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads l d -> b l (heads d)")
@@ -297,7 +297,7 @@ class GNUNet(ModelMixin, ConfigMixin):
         h = self._run(self.middle, h, emb)
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
-        out = self.conv_out(norm_act(self.norm_out, h))
+        out = self.conv_out(self.norm_out(h, act=True))
         return UNetOutput(sample=out) if return_dict else (out,)
 
     def _embed(self, sample, timestep, class_labels) -> torch.Tensor:
