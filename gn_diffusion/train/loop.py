@@ -156,7 +156,7 @@ def plan_run(cfg: Config) -> RunPlan:
     if cfg.train.init_from:  # before the EMA copy is made, so it starts from these weights too
         init_weights_from(model, cfg.train.init_from)
     with lower_on_oom("loading the data", "model.image_size"):  # the digits are upsampled in memory
-        dataset, _ = build_dataset(cfg)
+        dataset = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
     check_images_fit(cfg, "train.sample_images")  # the grids made every train.sample_every steps
