@@ -158,10 +158,11 @@ class RuntimeConfig:
 
     backend: NormBackend = "auto"  # group_norm_silu: auto is Triton on CUDA
     cpu: bool = False  # run on the CPU even where a GPU is present
-    cpu_threads: int = non_negative(0)  # torch's CPU threads, at most the machine's logical CPUs; 0 keeps torch's default (one per core)
+    cpu_threads: int = non_negative(0)  # torch's CPU threads, at most the machine's logical CPUs; 0 keeps torch's own choice (one per core)
     compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"  # torch.compile mode; reduce-overhead is CUDA graphs
     channels_last: bool = False  # channels_last model and batches
-    deterministic: bool = True  # bit-exact resume; false allows cudnn.benchmark, TF32, autotuning
+    # Off by default: a GPU user mostly wants the speed, and the CPU's kernels are deterministic anyway.
+    deterministic: bool = False  # true: bit-exact resume on CUDA too (torch.use_deterministic_algorithms; no cudnn.benchmark, TF32 or max-autotune); CPU runs are bit-exact either way
 
 
 @dataclass
