@@ -23,6 +23,11 @@ from .files import write_text_atomic
 from .yaml_files import load_yaml, read_yaml_mapping
 from .typed import build_typed, non_negative, positive, quoted, seed_setting, setting, unit_interval
 
+# Choices that a registry below the config keys by name: the names live here, and tests check that
+# diffusion.schedules and kernels hold exactly these (test_config).
+SchedulerName = Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"]
+NormBackend = Literal["auto", "triton", "torch"]
+
 
 @dataclass
 class ModelConfig:
@@ -120,7 +125,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    scheduler: Literal["ddpm", "ddim", "dpm-solver++", "euler", "heun", "unipc"] = "ddim"  # the diffusers sampler
+    scheduler: SchedulerName = "ddim"  # the diffusers sampler
     num_inference_steps: int = positive(50)  # denoising steps
     num_images: int = positive(64)  # images to generate
     batch_size: int = positive(64)  # images denoised at once
@@ -151,12 +156,13 @@ class RuntimeConfig:
     """How a run executes on this machine, not what it is: changeable on resume, when sampling
     and when evaluating, and never part of a model's identity."""
 
-    backend: Literal["auto", "triton", "torch"] = "auto"  # group_norm_silu: auto is Triton on CUDA
+    backend: NormBackend = "auto"  # group_norm_silu: auto is Triton on CUDA
     cpu: bool = False  # run on the CPU even where a GPU is present
-    cpu_threads: int = non_negative(0)  # torch's CPU threads, at most the machine's logical CPUs; 0 keeps torch's default (one per core)
+    cpu_threads: int = non_negative(0)  # torch's CPU threads, at most the machine's logical CPUs; 0 keeps torch's own choice (one per core)
     compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"  # torch.compile mode; reduce-overhead is CUDA graphs
     channels_last: bool = False  # channels_last model and batches
-    deterministic: bool = True  # bit-exact resume; false allows cudnn.benchmark, TF32, autotuning
+    # Off by default: a GPU user mostly wants the speed, and the CPU's kernels are deterministic anyway.
+    deterministic: bool = False  # true: bit-exact resume on CUDA too (torch.use_deterministic_algorithms; no cudnn.benchmark, TF32 or max-autotune); CPU runs are bit-exact either way
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""How a run executes on this machine: determinism, torch.compile, memory format, and the
-record a checkpoint keeps of them. The one place that turns `runtime.*` into torch settings."""
+"""How a run executes on this machine: threads, determinism, torch.compile, memory format, and
+the record a checkpoint keeps of them. The one place that turns `runtime.*` into torch settings:
+`torch_settings` (threads and determinism, for a block), `cpu_threads` (threads alone),
+`memory_format` and `compile_model`. Importing it changes nothing; only those calls do."""
 
 from __future__ import annotations
 
@@ -26,15 +28,65 @@ def check_runtime(runtime: RuntimeConfig, device: torch.device) -> None:
                           "set runtime.deterministic=false to use it, or use runtime.compile=default.")
 
 
+# cuBLAS reuses its workspace across streams unless told to keep one per configuration; torch's
+# deterministic mode refuses CUDA matmuls without one of these two values.
+CUBLAS_DETERMINISTIC = ":4096:8"
+INDUCTOR_CACHE = Path.home() / ".cache" / "gn_diffusion" / "inductor"
+
+
 def configure_torch(runtime: RuntimeConfig) -> None:
-    """Speed settings that break bit-exactness (cudnn autotuning, TF32) only when allowed."""
-    fast = not runtime.deterministic
-    torch.backends.cudnn.benchmark = fast
-    torch.backends.cudnn.deterministic = not fast
-    torch.backends.cuda.matmul.allow_tf32 = fast
-    torch.backends.cudnn.allow_tf32 = fast
-    # Inductor's compiled graphs persist across restarts and resumes (warm compiles).
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gn_diffusion" / "inductor"))
+    """Apply runtime.* to this process until something changes it again (`torch_settings` puts
+    everything back afterwards; prefer it). It changes, process-wide:
+
+    - torch's CPU threads, to runtime.cpu_threads (0: left as they are);
+    - deterministic=true: torch.use_deterministic_algorithms(True) (an op with no deterministic
+      kernel raises instead of running), cudnn.deterministic on, cudnn.benchmark and TF32 off, and
+      $CUBLAS_WORKSPACE_CONFIG (when unset), which cuBLAS reads at its first use, so this must
+      run before the process's first CUDA matmul;
+    - deterministic=false: the fast settings: cudnn.benchmark and TF32 (matmul and cudnn) on,
+      deterministic algorithms off;
+    - $TORCHINDUCTOR_CACHE_DIR, when unset, to ~/.cache/gn_diffusion/inductor, so compiled graphs
+      persist across restarts and resumes (warm compiles).
+    """
+    set_cpu_threads(runtime.cpu_threads)
+    exact = runtime.deterministic
+    if exact:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(exact)
+    torch.backends.cudnn.deterministic = exact
+    torch.backends.cudnn.benchmark = not exact
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
+
+
+_ENVIRONMENT = ("CUBLAS_WORKSPACE_CONFIG", "TORCHINDUCTOR_CACHE_DIR")  # the variables configure_torch may set
+_FLAGS = ((torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark"),
+          (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
+
+
+@contextlib.contextmanager
+def torch_settings(runtime: RuntimeConfig) -> Iterator[None]:
+    """configure_torch(runtime) inside the block; afterwards, however the block ends, every setting
+    it changes is as it was before, so a train() called from a notebook leaves the process as it
+    found it."""
+    threads = torch.get_num_threads()
+    algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    flags = [getattr(owner, name) for owner, name in _FLAGS]
+    environment = {key: os.environ.get(key) for key in _ENVIRONMENT}
+    try:
+        configure_torch(runtime)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        for (owner, name), value in zip(_FLAGS, flags):
+            setattr(owner, name, value)
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def memory_format(runtime: RuntimeConfig) -> torch.memory_format:

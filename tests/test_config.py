@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from gn_diffusion import Config, ConfigError, config_from_dict, load_config
+from gn_diffusion.config import DiffusionConfig, RuntimeConfig, SampleConfig
 from gn_diffusion.cli import split_args
 from gn_diffusion.model.unet import check_model_config
 
@@ -124,6 +126,27 @@ def test_config_module_imports_nothing_of_the_model():
     assert done.stdout.strip() == "[]", done.stdout
 
 
+def schema_choices(section, key: str) -> tuple:
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
+def test_the_samplers_are_exactly_sample_scheduler_s_choices():
+    from gn_diffusion.diffusion.schedules import _SCHEDULERS, SCHEDULER_NAMES, make_scheduler
+
+    choices = schema_choices(SampleConfig, "scheduler")
+    assert len(choices) == 6 and SCHEDULER_NAMES == choices
+    assert sorted(_SCHEDULERS) == sorted(choices)  # every name has a diffusers class, and no other name
+    for name in choices:
+        assert make_scheduler(DiffusionConfig(num_train_timesteps=10), name).config.num_train_timesteps == 10
+
+
+def test_the_kernel_backends_are_exactly_runtime_backend_s_choices():
+    from gn_diffusion.kernels import BACKENDS
+
+    choices = schema_choices(RuntimeConfig, "backend")
+    assert len(choices) == 3 and sorted(BACKENDS) == sorted(choices)
+
+
 def test_moved_keys_are_read_with_a_note_naming_the_new_key(tmp_path, capsys):
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  kernels: torch\ntrain:\n  cpu: true\n  cpu_threads: 3\n")
@@ -140,8 +163,8 @@ def test_moved_keys_are_read_with_a_note_naming_the_new_key(tmp_path, capsys):
 
 def test_runtime_settings_are_their_own_section():
     cfg = load_config("configs/digits.yaml", ["runtime.compile=default", "runtime.channels_last=true"])
-    assert cfg.runtime.compile == "default" and cfg.runtime.channels_last and cfg.runtime.deterministic
-    assert cfg.runtime.cpu_threads == 1  # configs/digits.yaml
+    assert cfg.runtime.compile == "default" and cfg.runtime.channels_last and not cfg.runtime.deterministic
+    assert cfg.runtime.cpu_threads == 0  # configs/digits.yaml leaves the machine's threads to torch
     assert "kernels" not in cfg.to_dict()["model"] and "cpu" not in cfg.to_dict()["train"]
 
 

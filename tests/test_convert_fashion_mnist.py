@@ -52,7 +52,7 @@ def test_fashion_mnist_becomes_class_folders_in_label_order(tmp_path, capsys):
     for split, folder in (("train", "train"), ("t10k", "test")):
         cfg = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={tmp_path / 'out' / folder}",
                           "data.class_labels=true", "model.image_size=28")
-        dataset, _ = build_dataset(cfg)
+        dataset = build_dataset(cfg)
         labels, images = truth[split]
         order = np.lexsort((np.arange(len(labels)), labels))  # the folders' order: by class, then index
         batch = dataset.__getitems__(range(len(dataset)))

@@ -10,8 +10,8 @@ from conftest import tiny_config
 
 
 def test_digits_dataset_keeps_labels_and_range(tmp_path):
-    dataset, classes = build_dataset(tiny_config(tmp_path, "model.image_size=16"))
-    assert len(dataset) == 1500 and classes == 10
+    dataset = build_dataset(tiny_config(tmp_path, "model.image_size=16"))
+    assert len(dataset) == 1500 and set(dataset.labels.tolist()) == set(range(10))
     item = dataset[0]
     assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
     labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
@@ -45,8 +45,8 @@ def test_image_folder_dataset_resizes_center_crops_and_checks_classes(tmp_path):
     cfg = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={tmp_path / 'data'}",
                       "model.in_channels=3", "data.class_labels=true", "model.num_classes=2")
     with pytest.warns(UserWarning):
-        dataset, classes = build_dataset(cfg)
-    assert classes == 2 and len(dataset) == 4
+        dataset = build_dataset(cfg)  # model.num_classes=2: the two sub-folders, or a UserError
+    assert len(dataset) == 4 and set(dataset.labels.tolist()) == {0, 1}
     assert dataset[0]["image"].shape == (3, 8, 8) and dataset[0]["image"].min() >= -1
     wrong = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={tmp_path / 'data'}",
                         "model.in_channels=3", "data.class_labels=true", "model.num_classes=5")

@@ -60,8 +60,8 @@ def test_hf_source_finds_its_columns_skips_empty_rows_and_decodes_when_fetched(t
     for module in (sources, hf_source):
         monkeypatch.setattr(module, "read_image", lambda *a: decoded.append(1) or real(*a))
     with pytest.warns(UserWarning, match="skipped 1 row"):
-        dataset, classes = build_dataset(hf_config(tmp_path, "model.num_classes=3"))
-    assert classes == 3 and len(dataset) == 23 and len(decoded) == 1  # checked: the first row decoded, once
+        dataset = build_dataset(hf_config(tmp_path, "model.num_classes=3"))  # the ClassLabel's 3 names
+    assert len(dataset) == 23 and len(decoded) == 1  # checked: the first row decoded, once
     batch = dataset.__getitems__([0, 3, 5])  # row 3 was blank: item 3 is row 4
     assert batch["image"].shape == (3, 3, 8, 8) and batch["image"].dtype == torch.uint8
     assert batch["label"].tolist() == [0, 1, 0] and len(decoded) == 4
@@ -69,8 +69,8 @@ def test_hf_source_finds_its_columns_skips_empty_rows_and_decodes_when_fetched(t
     item = dataset[0]
     assert item["image"].dtype == torch.float32 and -1 <= item["image"].min() and item["image"].max() <= 1
     with pytest.warns(UserWarning):
-        unlabelled, none = build_dataset(hf_config(tmp_path))
-    assert none == 0 and set(unlabelled.labels.tolist()) == {-1}
+        unlabelled = build_dataset(hf_config(tmp_path))
+    assert set(unlabelled.labels.tolist()) == {-1}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -128,7 +128,7 @@ def test_each_rank_fetches_its_own_slice_of_every_global_batch(tmp_path, kind):
         make_class_folders(tmp_path / "d" / "images", per_class=8)
         cfg = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={tmp_path / 'd' / 'images'}",
                           *RGB, "data.class_labels=true", "model.num_classes=3")
-    dataset, _ = build_dataset(cfg)
+    dataset = build_dataset(cfg)
     whole = rank_batches(dataset, 8, 1, 0)
     ranks = [rank_batches(dataset, 4, 2, r, num_workers=r) for r in (0, 1)]  # rank 1 decodes in a worker
     for b, batch in enumerate(whole):

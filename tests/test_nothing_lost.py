@@ -229,7 +229,7 @@ def test_images_that_cannot_be_decoded_safely_are_skipped_by_name(tmp_path, caps
     huge_png(folder / "bomb.png", 50_000, 50_000)
     cfg = tiny_config(tmp_path / "run", "data.dataset=image_folder", f"data.path={folder}", "data.max_image_pixels=1024")
     with pytest.warns(UserWarning) as caught:
-        dataset, _ = build_dataset(cfg)
+        dataset = build_dataset(cfg)
     said = " ".join(str(w.message) for w in caught)
     assert "skipped 2 unreadable image file(s) of 7" in said and "corrupt.jpg, truncated.png" in said
     assert "larger than data.max_image_pixels=1024: bomb.png (50000x50000), large.png (64x64)" in said

@@ -134,7 +134,7 @@ def test_an_hf_split_is_listed_by_its_files_and_rows(tmp_path):
     def listing(**rows):
         shutil.rmtree(tmp_path / "hf", ignore_errors=True)
         save_hf(tmp_path / "hf", **rows)
-        return build_dataset(cfg)[0].listing()
+        return build_dataset(cfg).listing()
 
     first = listing()
     assert listing() == first  # the same split saved again

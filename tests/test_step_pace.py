@@ -102,7 +102,7 @@ def test_compiled_training_compiles_once_not_per_step_nor_on_resume(tmp_path, mo
 
 
 def test_checkpoints_record_how_they_were_made_and_a_changed_resume_says_so(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, *SHRUNK, "train.max_steps=2", "train.checkpoint_every=2")
+    cfg = tiny_config(tmp_path, *SHRUNK, "train.max_steps=2", "train.checkpoint_every=2", "runtime.deterministic=true")
     train(cfg, progress=False)
     state = json.loads((tmp_path / "checkpoints" / "step-2" / "train_state.json").read_text())
     assert state["execution"] == {"device": "cpu", "gpu": None, "compile": "none", "deterministic": True}
@@ -123,7 +123,7 @@ def test_channels_last_trains_and_exports(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["runtime.compile=reduce-overhead"], "runtime.compile=reduce-overhead captures CUDA graphs and needs a CUDA device"),
-    (["runtime.compile=max-autotune"], "set runtime.deterministic=false to use it"),
+    (["runtime.compile=max-autotune", "runtime.deterministic=true"], "set runtime.deterministic=false to use it"),
     (["runtime.compile=fastest"], "'runtime.compile' is 'fastest'; choose one of"),
 ])
 def test_compile_settings_that_cannot_run_are_refused_before_anything_runs(tmp_path, capsys, overrides, message):

@@ -223,7 +223,7 @@ def _progress_line(cell: Cell, r: CellResult, floor: Scores) -> str:
             f"{r.train_seconds:.0f}s + {r.eval_seconds:.0f}s")
 
 
-def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samples: int) -> CellResult:
+def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_images: int) -> CellResult:
     """Load the cell's exported EMA model (eval mode) and score it; a diverged cell (non-finite
     held-out loss) gets NaN sample scores instead of stopping the sweep."""
     from ..sample.generate import every_class_once, generate
@@ -237,7 +237,7 @@ def score_cell(cfg: Config, evaluator: Evaluator, triples: LossTriples, num_samp
                         ema_halflife_images=t.ema_halflife_images, seed=t.seed)
     if not math.isfinite(loss):
         return result
-    images, labels = generate(model, every_class_once(run_cfg, num_samples), progress=False)
+    images, labels = generate(model, every_class_once(run_cfg, num_images), progress=False)
     return with_sample_scores(result, evaluator.report(images, labels, made_by=f"the model {cfg.train.output_dir}"))
 
 

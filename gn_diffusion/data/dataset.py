@@ -182,8 +182,8 @@ def _names(root: Path, items: list, shown: int = 10) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def build_dataset(cfg) -> tuple[Dataset, int]:
-    """The training set of a Config and its number of classes (0 when it has no labels). The
+def build_dataset(cfg) -> Dataset:
+    """The training set of a Config; a UserError when its classes are not model.num_classes. The
     digits are held in memory; image folders and hf data sets are decoded as they are fetched."""
     m, d = cfg.model, cfg.data
     if d.dataset == "digits":
@@ -201,4 +201,4 @@ def build_dataset(cfg) -> tuple[Dataset, int]:
             f"model.num_classes is {m.num_classes} but the data has {num_classes or 'no'} classes; "
             f"set model.num_classes={num_classes}."
         )
-    return dataset, num_classes
+    return dataset

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
 
 import torch
 
-from ..config import DiffusionConfig
+from ..config import DiffusionConfig, SchedulerName
 
 
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -27,7 +28,7 @@ _SCHEDULERS = {
 }
 
 
-SCHEDULER_NAMES = tuple(_SCHEDULERS)
+SCHEDULER_NAMES = typing.get_args(SchedulerName)  # sample.scheduler's choices, in the schema's order
 
 
 def make_scheduler(d: DiffusionConfig, name: str = "ddpm"):

@@ -320,7 +320,7 @@ def _training_pool(cfg: Config):
     from ..data.dataset import build_dataset
     from ..data.sources import FloatImages
 
-    source, _ = build_dataset(cfg)
+    source = build_dataset(cfg)
     return FloatImages(source), source.labels if cfg.model.num_classes else None
 
 

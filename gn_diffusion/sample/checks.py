@@ -14,35 +14,36 @@ from ..images import grid_upscale
 from .generate import image_shape
 
 
-def images_bytes(cfg: Config, count: int) -> int:
-    """A lower bound of the host memory `count` generated images take until they are written:
+def images_bytes(cfg: Config, num_images: int) -> int:
+    """A lower bound of the host memory `num_images` generated images take until they are written:
     float32 pixels, and their PNG grid at its upscaling (one byte per value)."""
     channels, size, _ = image_shape(cfg)
     upscale = grid_upscale(size)
-    return count * channels * (size * size * 4 + (size * upscale) ** 2)
+    return num_images * channels * (size * size * 4 + (size * upscale) ** 2)
 
 
-def check_images_fit(cfg: Config, key: str) -> None:
-    """A ConfigError when the images that `key` (sample.num_images or train.sample_images) asks
-    for cannot fit in the memory available now: refused before any work, not after it."""
+def check_images_fit(cfg: Config, images_key: str) -> None:
+    """A ConfigError when the images that `images_key` (the key holding the number of images to
+    generate: sample.num_images, train.sample_images or eval.num_samples) asks for cannot fit in the
+    memory available now: refused before any work, not after it."""
     import psutil
 
-    section, name = key.split(".")
-    count = getattr(getattr(cfg, section), name)
-    need, free = images_bytes(cfg, count), psutil.virtual_memory().available
+    section, name = images_key.split(".")
+    num_images = getattr(getattr(cfg, section), name)
+    need, free = images_bytes(cfg, num_images), psutil.virtual_memory().available
     if need <= free:
         return
     most = max(1, free // images_bytes(cfg, 1))
-    raise ConfigError(f"'{key}' is {count}: {count} images of {'x'.join(map(str, image_shape(cfg)))} need at least "
-                      f"{need / 2**30:,.1f} GiB of memory until they are written, but {free / 2**30:,.1f} GiB is "
-                      f"available; set {key}={most} or fewer (more images: run again with another sample.seed).")
+    raise ConfigError(f"'{images_key}' is {num_images}: {num_images} images of {'x'.join(map(str, image_shape(cfg)))} "
+                      f"need at least {need / 2**30:,.1f} GiB of memory until they are written, but "
+                      f"{free / 2**30:,.1f} GiB is available; set {images_key}={most} or fewer (more images: run again with another sample.seed).")
 
 
-def check_sampling(cfg: Config, count_key: str = "sample.num_images") -> None:
-    """A ConfigError if the images `count_key` asks for cannot fit in memory, or if the scheduler
+def check_sampling(cfg: Config, images_key: str = "sample.num_images") -> None:
+    """A ConfigError if the images `images_key` asks for cannot fit in memory, or if the scheduler
     cannot take sample.num_inference_steps for this model's diffusion.num_train_timesteps.
     (Guidance is checked with the config: finite, and only on a class-conditional model.)"""
-    check_images_fit(cfg, count_key)
+    check_images_fit(cfg, images_key)
     s, d = cfg.sample, cfg.diffusion
     if _takes_steps(dataclasses.astuple(d), s.scheduler, s.num_inference_steps):
         return

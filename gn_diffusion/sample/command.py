@@ -9,7 +9,7 @@ from ..config import Config, RuntimeConfig, load_config, parse_override, with_ov
 from ..errors import ConfigError
 from ..run_folder.claim import refuse_writing_into
 from ..run_folder.layout import CONFIG_FILE, RunLayout
-from ..runtime import set_cpu_threads
+from ..runtime import cpu_threads
 from .checks import check_sampling
 from .generate import generate
 from .model_folder import load_model, model_dir
@@ -48,11 +48,9 @@ def sample_main(path: str, overrides: list[str]) -> Path:
     refuse_writing_into(out, "wait for it to end, or set sample.output_dir outside that run")
     check_output_folder(out)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg.runtime.cpu_threads)
-    model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
-    model.to(accelerator.device)
-    images, labels = generate(model, cfg, accelerator=accelerator)
+    with cpu_threads(cfg.runtime.cpu_threads):  # restored when sample_main returns
+        model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
+        images, labels = generate(model.to(accelerator.device), cfg, accelerator=accelerator)
     if accelerator.is_main_process:
         save_samples(images, labels, out)
         print(f"wrote {len(images)} images to {out} (grid.png, images/, samples.npz)")

@@ -32,9 +32,8 @@ from ..run_folder.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from ..run_folder.claim import check_output_path, claim_output_dir, flat_config, hold_output_dir, plan_output_dir
 from ..run_folder.layout import RunLayout
 from ..run_folder.weights import init_weights_from
-from ..runtime import (check_runtime, compile_failure, compile_model, configure_torch, execution_record,
-                       memory_format, resume_note)
-from ..runtime import set_cpu_threads
+from ..runtime import (check_runtime, compile_failure, compile_model, execution_record, memory_format, resume_note,
+                       torch_settings)
 from ..sample.checks import check_images_fit, check_sampling
 from ..sample.generate import every_class_once, generate
 from ..sample.model_folder import export_model
@@ -146,17 +145,14 @@ def plan_run(cfg: Config) -> RunPlan:
     check_tracker(cfg)
     check_output_path(cfg)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg.runtime.cpu_threads)
     check_runtime(cfg.runtime, accelerator.device)
-    configure_torch(cfg.runtime)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
     with lower_on_oom("building the model", "model.base_channels", "model.channel_mult", "model.num_res_blocks"):
         model = build_unet(cfg.model, cfg.runtime)
     if cfg.train.init_from:  # before the EMA copy is made, so it starts from these weights too
         init_weights_from(model, cfg.train.init_from)
     with lower_on_oom("loading the data", "model.image_size"):  # the digits are upsampled in memory
-        dataset, _ = build_dataset(cfg)
+        dataset = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
     check_images_fit(cfg, "train.sample_images")  # the grids made every train.sample_every steps
@@ -173,10 +169,12 @@ def plan_run(cfg: Config) -> RunPlan:
 
 
 def train(cfg: Config, *, progress: bool = True) -> Path:
-    """Run (or resume, per train.resume) a training run; returns the output folder."""
-    plan = plan_run(cfg)
-    with lower_on_oom("training", "train.batch_size", "model.image_size", "model.base_channels"):
-        return run(plan, progress=progress)
+    """Run (or resume, per train.resume) a training run; returns the output folder. Threads and
+    determinism follow cfg.runtime during the call and are put back after it."""
+    with torch_settings(cfg.runtime):  # before plan_run: the deterministic cuBLAS setting precedes CUDA work
+        plan = plan_run(cfg)
+        with lower_on_oom("training", "train.batch_size", "model.image_size", "model.base_channels"):
+            return run(plan, progress=progress)
 
 
 @dataclass
