@@ -63,13 +63,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("Frechet distance (classifier features)")
     ax.set_yscale("log")
     ax.set_title(title)
+    lines = ax.get_lines()
     if rows[0]["accuracy"] is not None:
         acc = ax.twinx()
-        acc.plot(seen, [100 * r["accuracy"] for r in rows], "s:", color="tab:green", label="accuracy on requested class")
+        lines += acc.plot(seen, [100 * r["accuracy"] for r in rows], "s:", color="tab:green",
+                          label="accuracy on requested class (right)")
         acc.set_ylabel("accuracy on requested class (%)")
         acc.set_ylim(0, 100)
-        acc.legend(loc="upper center", fontsize=8)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
