@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler
 
-from gn_diffusion import GNUNet, available_norms, build_unet, load_config, make_norm
+from gn_diffusion import GNUNet, build_unet, load_config, make_norm
 
 NORMS = ["group", "batch", "sync_batch", "layer", "instance", "none"]
 
@@ -23,10 +23,6 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def test_registry_has_the_documented_kinds():
-    assert set(NORMS) <= set(available_norms())
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -80,17 +76,6 @@ def test_group_statistics_are_float32_under_bf16_autocast(kind):
     # float32 statistics leave only the final rounding to bf16: half an ulp, 2**-8 relative.
     err = (y.double() - ref).abs()
     assert (err <= ref.abs() * 2**-8 + 1e-5).all(), err.max().item()
-
-
-def test_bf16_statistics_would_fail_the_float32_check():
-    """The tolerance above is tight enough to catch statistics computed in bf16."""
-    x = (1e3 + torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(0))).bfloat16()
-    grouped = x.reshape(2, 32, -1)
-    mean = grouped.mean(-1, keepdim=True)
-    var = ((grouped - mean) ** 2).mean(-1, keepdim=True)
-    naive = ((grouped - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
-    ref = F.group_norm(x.double(), 32)
-    assert not ((naive.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

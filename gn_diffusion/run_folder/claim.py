@@ -127,7 +127,7 @@ def not_a_run(out: Path, found: list[Path]) -> UserError:
                      "train.output_dir.")
 
 
-def plan_output_dir(cfg: Config, model, processes: int = 1, listing: DataListing | None = None) -> Path | None:
+def checked_resume_point(cfg: Config, model, processes: int = 1, listing: DataListing | None = None) -> Path | None:
     """Check (without writing anything, under the folder's lock) that this run may use its output
     folder; returns the checkpoint to resume from, if any."""
     t = cfg.train
@@ -189,7 +189,7 @@ def check_same_data(out: Path, listing: DataListing) -> None:
 
 
 def claim_output_dir(cfg: Config, listing: DataListing | None = None, fresh: bool = True) -> None:
-    """Main process only, after plan_output_dir: remove a replaced run, then save this config and
+    """Main process only, after checked_resume_point: remove a replaced run, then save this config and
     (for a run starting at step 0, or one that has none) the record of its images."""
     layout = RunLayout(cfg.train.output_dir)
     if cfg.train.overwrite and cfg.train.resume is None:

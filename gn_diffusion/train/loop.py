@@ -29,7 +29,7 @@ from ..images import grid_upscale
 from ..memory import lower_on_oom
 from ..model.unet import GNUNet, build_unet
 from ..run_folder.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..run_folder.claim import check_output_path, claim_output_dir, flat_config, hold_output_dir, plan_output_dir
+from ..run_folder.claim import check_output_path, checked_resume_point, claim_output_dir, flat_config, hold_output_dir
 from ..run_folder.layout import RunLayout
 from ..run_folder.weights import init_weights_from
 from ..runtime import (check_runtime, compile_failure, compile_model, execution_record, memory_format, resume_note,
@@ -160,7 +160,7 @@ def plan_run(cfg: Config) -> RunPlan:
     listing = dataset.listing()
     lock = hold_output_dir(Path(cfg.train.output_dir), accelerator)
     try:
-        resume_from = plan_output_dir(cfg, model, accelerator.num_processes, listing)
+        resume_from = checked_resume_point(cfg, model, accelerator.num_processes, listing)
     except BaseException:
         if lock is not None:
             lock.release(undo=True)
