@@ -20,16 +20,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The table in docs/digits_tuning.md was measured on configs/digits.yaml before it took the winner
+# (lr 1e-3, no min-SNR weighting); these put that base back, so each row is reproduced as it ran.
+OLD_DEFAULT = ["train.lr=0.001", "diffusion.snr_gamma=null"]
+
 SETTINGS: dict[str, list[str]] = {
     "default": [],
     "cosine-lr": ["train.lr_schedule=cosine"],
     "min-snr-5": ["diffusion.snr_gamma=5"],
-    "cosine-lr, min-snr-5": ["train.lr_schedule=cosine", "diffusion.snr_gamma=5"],
-    "cosine-lr, v-pred, min-snr-5": ["train.lr_schedule=cosine", "diffusion.prediction_type=v_prediction",
-                                     "diffusion.snr_gamma=5"],
-    "cosine-lr, lr 2e-3": ["train.lr_schedule=cosine", "train.lr=0.002"],
-    "cosine-lr, EMA half-life 11k": ["train.lr_schedule=cosine", "train.ema_halflife_images=11000"],
-    "cosine-lr, cosine betas": ["train.lr_schedule=cosine", "diffusion.beta_schedule=cosine"],
+    "EMA half-life 11k": ["train.ema_halflife_images=11000"],
+    "EMA half-life 44k": ["train.ema_halflife_images=44000"],
+    "lr 2e-3": ["train.lr=0.002"],
+    "v-pred, min-snr-5": ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5"],
+    "min-snr-5, lr 2e-3": ["diffusion.snr_gamma=5", "train.lr=0.002"],
 }
 
 
@@ -42,7 +45,7 @@ def run_setting(runs: Path, name: str, seed: int) -> dict:
     start = time.time()
     python = sys.executable
     subprocess.run([python, "train.py", "configs/digits.yaml", f"train.output_dir={out}", f"train.seed={seed}",
-                    "train.overwrite=true", *SETTINGS[name]], cwd=ROOT, check=True)
+                    "train.overwrite=true", *OLD_DEFAULT, *SETTINGS[name]], cwd=ROOT, check=True)
     trained = time.time()
     subprocess.run([python, "-m", "gn_diffusion.evaluate", str(out), "runtime.cpu_threads=1"], cwd=ROOT, check=True)
     report = json.loads((out / "evaluation.json").read_text())
@@ -55,7 +58,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| setting | overrides | train seed | FD | floor | FD / floor | training time |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        overrides = " ".join(f"`{o}`" for o in r["overrides"]) or "(configs/digits.yaml)"
+        overrides = " ".join(f"`{o}`" for o in r["overrides"]) or "(the old default: lr 1e-3, no min-SNR)"
         lines.append(f"| {r['setting']} | {overrides} | {r['seed']} | {r['fd']:.3f} | {r['floor']:.3f} | "
                      f"{r['ratio']:.2f}x | {r['train_s'] // 60} min {r['train_s'] % 60} s |")
     return "\n".join(lines)

@@ -248,7 +248,7 @@ def test_help_shows_the_config_values_beside_the_defaults(run_dir, capsys):
     rows = help_rows(capsys, "train.py", [])
     assert rows["key"] == ["key", "default", "digits.yaml", "type:", "what", "it", "does"]
     assert rows["model.base_channels"][1:3] == ["64", "32"]
-    assert rows["train.max_steps"][1:3] == ["4000", "3000"] and rows["train.lr"][1:3] == ["0.0002", "0.001"]
+    assert rows["train.max_steps"][1:3] == ["4000", "3000"] and rows["train.lr"][1:3] == ["0.0002", "0.002"]
     rows = help_rows(capsys, "train.py", ["configs/cifar10.yaml", "train.lr=3e-4"])
     assert rows["key"][2] == "cifar10.yaml" and rows["model.base_channels"][1:3] == ["64", "128"]
     assert rows["train.lr"][2] == "0.0003"
