@@ -13,7 +13,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -218,21 +219,48 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
     )
 
 
-def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> tuple:
-    """Everything a forward and its backward share, worked out once per call: (kernel module,
-    x in a layout the kernels read, its cached Launch, weight, bias, scale, shift as the kernels
-    read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, x's three
-    strides, scale's and shift's row strides, CB, S, PPS). Whoever calls, a tensor the kernels
-    would index out of its bounds is refused, here, on every call (a few shape comparisons)."""
+class KernelSizes(NamedTuple):
+    """The scalar arguments every kernel takes after its pointers, in the kernels' order and with
+    their names (see triton_kernels); passed as `*sizes`."""
+
+    G: int
+    Cg: int
+    HW: int
+    stride_n: int  # x's strides: per sample, channel and position
+    stride_c: int
+    stride_p: int
+    stride_s: int  # the row stride of the [N, C] scale (0 when there is none)
+    stride_t: int  # and of shift
+    CB: int
+    S: int
+    PPS: int
+
+
+class Prepared(NamedTuple):
+    """Everything a forward and its backward share, worked out once per call by `prepare`.
+    NamedTuples (not dataclasses) since one is built per call: they cost about as much to make
+    as the plain tuples they name."""
+
+    kernels: ModuleType  # triton_kernels, compiled or interpreted as x's device needs (see `kernels`)
+    x: torch.Tensor  # in a layout the kernels read (see `dense_layout`)
+    launch: Launch  # cached per shape and layout: the launch plan, grids, tiles
+    params: tuple[Optional[torch.Tensor], ...]  # weight, bias, scale, shift as the kernels index them
+    present: tuple[bool, bool, bool, bool]  # which of params are not None: the kernels' HAS_* flags
+    sizes: KernelSizes
+
+
+def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> Prepared:
+    """The host work of one call (see `Prepared`). Whoever calls, a tensor the kernels would index
+    out of its bounds is refused, here, on every call (a few shape comparisons)."""
     x, channels_last = dense_layout(x)
     launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
     c, rows = launch.channels, launch.rows
     if not (_fits(weight, c) and _fits(bias, c) and _fits(scale, rows) and _fits(shift, rows)):
         weight, bias, scale, shift = _readable(x.shape, launch, weight, bias, scale, shift)
     present = (weight is not None, bias is not None, scale is not None, shift is not None)
-    row_strides = (0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0))
-    return (kernels(x.device), x, launch, (weight, bias, scale, shift), present,
-            (*launch.sizes, *row_strides, *launch.chunking))
+    sizes = KernelSizes(*launch.sizes, 0 if scale is None else scale.stride(0),
+                        0 if shift is None else shift.stride(0), *launch.chunking)
+    return Prepared(kernels(x.device), x, launch, (weight, bias, scale, shift), present, sizes)
 
 
 def _fits(t: Optional[torch.Tensor], shape: torch.Size) -> bool:
@@ -263,20 +291,19 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bo
     return forward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), eps, silu)
 
 
-def forward_prepared(prepared: tuple, eps: float, silu: bool):
-    k, x, launch, params, present, sizes = prepared
-    ptrs = _pointers(x, params)
-    fused = launch.plan.fused
+def forward_prepared(prepared: Prepared, eps: float, silu: bool):
+    k, x, launch, sizes = prepared.kernels, prepared.x, prepared.launch, prepared.sizes
+    ptrs = _pointers(x, prepared.params)
     y = new_output(x)
-    mean = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
-    rstd = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
-    if fused:
+    mean = new_output((x.shape[0], sizes.G), torch.float32, x.device)
+    rstd = new_output((x.shape[0], sizes.G), torch.float32, x.device)
+    if launch.plan.fused:
         ws = (mean, mean, mean)  # not read
     else:
         ws = [torch.empty(launch.grid, dtype=torch.float32, device=x.device) for _ in range(3)]
         k.fwd_stats_kernel[launch.grid](x, *ws, *sizes, **launch.tile)
     k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps,
-                                    **kernel_options(launch, "fwd_apply", silu, present))
+                                    **kernel_options(launch, "fwd_apply", silu, prepared.present))
     return y, mean, rstd
 
 
@@ -287,9 +314,9 @@ def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, sil
     return backward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), dy, mean, rstd, silu)
 
 
-def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
-    k, x, launch, params, present, sizes = prepared
-    ptrs = _pointers(x, params)
+def backward_prepared(prepared: Prepared, dy, mean, rstd, silu: bool):
+    k, x, launch, sizes, present = prepared.kernels, prepared.x, prepared.launch, prepared.sizes, prepared.present
+    ptrs = _pointers(x, prepared.params)
     dy = match_layout(dy, x)
     dx = new_output(x)
     sg = new_output(x.shape[:2], torch.float32, x.device)  # per (n, c) sums of dz and dz * xhat
@@ -304,7 +331,7 @@ def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
                                  **kernel_options(launch, "bwd_dx", silu, present))
     if not any(present):
         return dx, None, None, None, None
-    return (dx, *_parameter_grads(k, launch, sg, sgx, params, ptrs, sizes[6], present))
+    return (dx, *_parameter_grads(k, launch, sg, sgx, prepared.params, ptrs, sizes.stride_s, present))
 
 
 def _row_grad(t: Optional[torch.Tensor], sums: torch.Tensor) -> Optional[torch.Tensor]:
