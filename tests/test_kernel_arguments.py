@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import warnings
 
 import pytest
@@ -299,3 +300,21 @@ def test_the_reference_backward_matches_float64_for_every_set_of_parameters(silu
         check_against_float64(
             lambda x, *p: group_norm_silu_op(x, *p, 3, 1e-5, silu, False)[0],
             lambda x, *p: oracle(x, *p[:2], 3, 1e-5, *p[2:], silu), x, params, 1e-5, f"present: {kept}")
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpreted"])
+def test_loading_the_kernels_builds_the_asked_mode_and_leaves_triton_interpret_as_it_was(interpret, monkeypatch):
+    """The one process-wide variable the loader sets is back as the caller had it (unset too),
+    and the kernels are of the mode asked for, not of the caller's TRITON_INTERPRET."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    name = f"gn_diffusion.kernels.triton_kernels_{'interpreted' if interpret else 'compiled'}"
+    monkeypatch.setitem(sys.modules, name, sys.modules.get(name))  # the cached module's stays
+    for before in ("0" if interpret else "1", None):
+        if before is None:
+            monkeypatch.delenv("TRITON_INTERPRET")
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", before)
+        module = triton_impl._load_kernels.__wrapped__(interpret)  # uncached: executes it again
+        assert isinstance(module.fwd_apply_kernel, InterpretedFunction) == interpret
+        assert os.environ.get("TRITON_INTERPRET") == before

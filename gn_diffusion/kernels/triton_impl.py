@@ -2,10 +2,15 @@
 
 Everything that depends only on the shape (the work split, grids, sizes, compile-time options) is
 computed once per shape and cached, so a call costs little more than the launches themselves.
+
+Importing this module imports no Triton and changes nothing outside it. The first call that needs
+the kernels in a mode (compiled or interpreted) loads them, and that load is the one place that
+changes process-wide state: see `_load_kernels`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -46,29 +51,53 @@ def kernels(device: Optional[torch.device] = None):
 
 
 @functools.cache
-def _load_kernels(interpret: bool):
+def _load_kernels(interpret: bool) -> ModuleType:
+    """triton_kernels.py executed as its own module for one mode, once per process and mode, so
+    compiled and interpreted kernels can live side by side (CPU tensors on a CUDA machine).
+
+    What it changes process-wide, each for the reason given where it is done:
+    - sys.modules gains `gn_diffusion.kernels.triton_kernels_{interpreted,compiled}`;
+    - TRITON_INTERPRET is set to the mode while the module executes, then restored
+      (`_triton_interpret_set_to`);
+    - for the interpreted mode, with numpy 2.4 or later, Triton's interpreter is patched for good
+      (`_patch_the_interpreter_to_index_with_one_element_arrays`).
+    """
     if interpret:
-        _let_the_interpreter_index_with_one_element_arrays()
+        _patch_the_interpreter_to_index_with_one_element_arrays()
     name = f"{__package__}.triton_kernels_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # triton finds a kernel's globals through its module
+    with _triton_interpret_set_to(interpret):
+        spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _triton_interpret_set_to(interpret: bool):
+    """TRITON_INTERPRET (an environment variable: the whole process sees it, threads included) is
+    "1" or "0" inside, and as before after. `@triton.jit` reads it when it decorates a function,
+    to build an interpreted or a compiled one, and triton_kernels reads it to pick its sum; so
+    the mode a module is executed under is the mode of its kernels, whatever the caller has set."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        spec.loader.exec_module(module)
+        yield
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
-    return module
 
 
-def _let_the_interpreter_index_with_one_element_arrays() -> None:
-    """Triton's interpreter before 3.9 turns a tensor bound of `range` into an int with
-    int(ndarray of shape (1,)), which numpy 2.4 refuses, so every kernel with a loop fails there
-    (torch 2.11's Triton 3.6 beside numpy 2.5, say); give its tensors Triton 3.9's __index__."""
+def _patch_the_interpreter_to_index_with_one_element_arrays() -> None:
+    """Replaces `triton.runtime.interpreter._patch_lang_tensor`, for the rest of the process and
+    every interpreted kernel in it (ours or not), with one that also gives the interpreter's
+    tensors Triton 3.9's __index__ (the squeezed element). Why: Triton's interpreter before 3.9
+    turns a tensor bound of `range` into an int with int(ndarray of shape (1,)), which numpy 2.4
+    refuses, so every kernel with a loop fails there (torch 2.11's Triton 3.6 beside numpy 2.5,
+    say); on Triton 3.9 it repeats what Triton does. Does nothing with an older numpy, a Triton
+    without that function, or a second time."""
     import numpy as np
     from triton.runtime import interpreter
 
