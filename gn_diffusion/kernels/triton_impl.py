@@ -138,7 +138,9 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Plan:
+class LaunchPlan:
+    """How the kernels cut and tile each group of one shape (see triton_kernels for the names)."""
+
     block_c: int
     block_p: int
     channel_blocks: int
@@ -172,8 +174,8 @@ def _programs_to_fill(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.device,
-         chunks: Optional[int] = None) -> Plan:
-    """Cut each group into chunks so that groups * chunks programs fill the device; one chunk per
+         chunks: Optional[int] = None) -> LaunchPlan:
+    """The kernel launch plan: cut each group into chunks so that groups * chunks programs fill the device; one chunk per
     group when the groups alone do. `chunks` forces a target (tests use it to reach the split path)."""
     want = chunks if chunks is not None else _cdiv(_programs_to_fill(device), groups)
     min_tile = 1 if chunks is not None else MIN_TILE.get(device.type, MIN_TILE["cuda"])
@@ -190,14 +192,14 @@ def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.devi
     per_split = _cdiv(position_blocks, splits)
     splits = _cdiv(position_blocks, per_split)  # no empty split
     num_warps = min(8, max(1, block_c * block_p // 256))
-    return Plan(block_c, block_p, channel_blocks, splits, per_split * block_p, num_warps)
+    return LaunchPlan(block_c, block_p, channel_blocks, splits, per_split * block_p, num_warps)
 
 
 @dataclass(frozen=True)
 class Launch:
     """What the launches for one input shape and layout share (see triton_kernels for the names)."""
 
-    plan: Plan
+    plan: LaunchPlan
     grid: tuple[int]  # one program per chunk
     sizes: tuple[int, ...]  # G, Cg, HW, stride_n, stride_c, stride_p
     chunking: tuple[int, int, int]  # CB, S, PPS
@@ -214,12 +216,13 @@ def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool,
     launch, activation and set of present tensors, then reused by every call."""
     per_kernel = launch.options.get((silu, present))
     if per_kernel is None:
-        p = launch.plan
+        launch_plan = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
         per_kernel = launch.options[silu, present] = {
-            "fwd_apply": dict(BLOCK_K=_pow2(p.chunks), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "fwd_apply": dict(BLOCK_K=_pow2(launch_plan.chunks), FUSED=launch_plan.fused, SILU=silu, **launch.tile,
+                              **flags),
             "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
-            "bwd_dx": dict(BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "bwd_dx": dict(BLOCK_S=_pow2(launch_plan.splits), FUSED=launch_plan.fused, SILU=silu, **launch.tile, **flags),
             "param_grads": dict(**launch.param_tile, **flags),
         }
     return per_kernel[kernel]
@@ -236,12 +239,12 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
     n, c = shape[:2]
     cg, hw = c // num_groups, math.prod(shape[2:])
     strides = (hw * c, 1, c) if channels_last else (c * hw, hw, 1)
-    p = plan(n * num_groups, cg, hw, channels_last, device, chunks)
+    launch_plan = plan(n * num_groups, cg, hw, channels_last, device, chunks)
     param_c = min(PARAM_BLOCK_C, _pow2(c))
     return Launch(
-        plan=p, grid=(n * num_groups * p.chunks,), sizes=(num_groups, cg, hw, *strides),
-        chunking=(p.channel_blocks, p.splits, p.positions_per_split),
-        tile=dict(BLOCK_C=p.block_c, BLOCK_P=p.block_p, num_warps=p.num_warps),
+        plan=launch_plan, grid=(n * num_groups * launch_plan.chunks,), sizes=(num_groups, cg, hw, *strides),
+        chunking=(launch_plan.channel_blocks, launch_plan.splits, launch_plan.positions_per_split),
+        tile=dict(BLOCK_C=launch_plan.block_c, BLOCK_P=launch_plan.block_p, num_warps=launch_plan.num_warps),
         param_grid=(_cdiv(c, param_c),),
         param_tile=dict(BLOCK_N=min(_pow2(n), max(1, MAX_TILE // param_c)), BLOCK_C=param_c),
         channels=shape[1:2], rows=shape[:2],
