@@ -12,7 +12,9 @@ groups).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import sys
 import warnings
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gn_diffusion.kernels import ArgumentError, group_norm_silu, triton_impl
+from gn_diffusion.kernels.ops import group_norm_silu_op
 from gn_diffusion.model.norms import GroupNorm32
 # Fixtures of test_kernels: Triton's interpreter and NaN in every fresh kernel output (autouse);
 # `device`, the interpreter on CPU tensors or compiled kernels on CUDA.
@@ -284,3 +287,34 @@ def test_non_contiguous_parameters_and_odd_sizes_match_float64(device):
         stride_0 = torch.full((1,), 1.5, device=device).expand(6)
         y = group_norm_silu(x, stride_0, None, 3, act=None, backend=backend)
         assert_close(y, F.group_norm(x.double(), 3, stride_0.double()), 1e-5, f"{backend}: stride-0 weight")
+
+
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_act"])
+def test_the_reference_backward_matches_float64_for_every_set_of_parameters(silu):
+    """The custom op's closed-form reference backward (what torch.compile runs off the Triton
+    path), with each of weight, bias, scale and shift present or absent, against the oracle."""
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    full = hostile_inputs(5, "cpu")[1:]
+    for kept in itertools.product((True, False), repeat=4):
+        params = [t.detach().clone().requires_grad_() if keep else None for t, keep in zip(full, kept)]
+        check_against_float64(
+            lambda x, *p: group_norm_silu_op(x, *p, 3, 1e-5, silu, False)[0],
+            lambda x, *p: oracle(x, *p[:2], 3, 1e-5, *p[2:], silu), x, params, 1e-5, f"present: {kept}")
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpreted"])
+def test_loading_the_kernels_builds_the_asked_mode_and_leaves_triton_interpret_as_it_was(interpret, monkeypatch):
+    """The one process-wide variable the loader sets is back as the caller had it (unset too),
+    and the kernels are of the mode asked for, not of the caller's TRITON_INTERPRET."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    name = f"gn_diffusion.kernels.triton_kernels_{'interpreted' if interpret else 'compiled'}"
+    monkeypatch.setitem(sys.modules, name, sys.modules.get(name))  # the cached module's stays
+    for before in ("0" if interpret else "1", None):
+        if before is None:
+            monkeypatch.delenv("TRITON_INTERPRET")
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", before)
+        module = triton_impl._load_kernels.__wrapped__(interpret)  # uncached: executes it again
+        assert isinstance(module.fwd_apply_kernel, InterpretedFunction) == interpret
+        assert os.environ.get("TRITON_INTERPRET") == before

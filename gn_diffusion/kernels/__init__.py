@@ -1,8 +1,10 @@
 """Fused GroupNorm + AdaGN scale-shift + SiLU: `act(GN(x) * (1 + scale) + shift)`.
 
-Backends: "torch" is the PyTorch reference (plain autograd, the fast choice on the CPU); "triton"
-is the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "auto" is Triton for CUDA
-tensors when Triton is installed, else the reference. `use_triton` is the one place that decides.
+A "backend" here is the norm's implementation (the `backend` argument, runtime.backend), never
+torch.compile's backend: "torch" is the PyTorch reference (plain autograd, the fast choice on the
+CPU); "triton" is the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "auto" is Triton
+for CUDA tensors when Triton is installed, else the reference. `use_triton` is the one place that
+decides.
 
 Two entry points: `group_norm_silu` checks its arguments on every call as F.group_norm does (for
 external callers; see `arguments`); layers check theirs once with `check_layer` when built and
@@ -54,7 +56,7 @@ def require_triton(device: Optional[torch.device] = None) -> None:
 
 
 def use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Whether x goes to the Triton kernels: "triton" always (a ConfigError if they cannot run on
+    """Whether x goes to the Triton kernels, by norm backend: "triton" always (a ConfigError if they cannot run on
     x's device), "torch" never, "auto" for CUDA tensors when Triton is installed."""
     if backend == "triton":
         if not (x.is_cuda and TRITON_INSTALLED):  # the common case skips building a device object
@@ -65,7 +67,7 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
 
 def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
     """Everything a norm layer's calls would otherwise check each time, checked once when it is
-    built: a known backend, channels divisible into groups, and Triton available if asked for."""
+    built: a known norm backend, channels divisible into groups, and Triton available if asked for."""
     check_backend(backend)
     if num_groups < 1:
         raise ArgumentError(f"num_groups must be at least 1, got {num_groups}; pass a positive group count.")
@@ -92,9 +94,9 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
 
     x is [N, C, *spatial] of a floating dtype; weight and bias are optional [C] tensors, of x's
     dtype or float32 (as F.group_norm takes them); `act` is "silu" or None; `scale`/`shift` are
-    optional [N, C] tensors; `backend` is auto | triton | torch. The output has x's dtype (and
-    memory format, on the Triton path). Bad arguments raise ArgumentError (a ValueError and a
-    RuntimeError) naming the argument.
+    optional [N, C] tensors; `backend`, the norm's implementation, is auto | triton | torch. The
+    output has x's dtype (and memory format, on the Triton path). Bad arguments raise
+    ArgumentError (a ValueError and a RuntimeError) naming the argument.
     """
     check_arguments(x, weight, bias, num_groups, scale, shift, act, backend)
     return group_norm_silu_unchecked(x, weight, bias, num_groups, float(eps), scale, shift, act == "silu", backend)

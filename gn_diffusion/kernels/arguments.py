@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")  # the norm's implementations (runtime.backend), not torch.compile's
 ACTIVATIONS = ("silu", None)
 # A float16 or bfloat16 x may take float32 weight and bias (F.group_norm's mixed-dtype case).
 _REDUCED = (torch.float16, torch.bfloat16)

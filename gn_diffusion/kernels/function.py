@@ -3,8 +3,9 @@
 A `torch.library` custom op costs several times more host time per call than an autograd.Function
 (schema parsing, dispatch, fake-tensor registration), which small training batches on a GPU feel
 directly; the op is only needed where torch.compile traces the norm. Both call the same kernels
-through `triton_impl`, so they give the same bits. The launch plan, layout and flags the forward
-works out are kept for its backward, so a norm's host work is done once per step, not twice.
+through `triton_impl`, so they give the same bits. What the forward's `triton_impl.prepare` works
+out (the kernel launch plan, layout, flags and sizes) is kept for its backward, so a norm's host
+work is done once per step, not twice.
 (For an x that is neither NCHW- nor channels_last-dense, that keeps the forward's dense copy
 alive until the backward instead of copying again: the U-Net never makes one.)
 """
@@ -24,9 +25,10 @@ class GroupNormSiLUFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool):
         prepared = triton_impl.prepare(x, weight, bias, scale, shift, num_groups)
         y, mean, rstd = triton_impl.forward_prepared(prepared, eps, silu)
-        k, x, launch, params, present, sizes = prepared
-        ctx.save_for_backward(x, *params, mean, rstd)
-        ctx.plan, ctx.silu = (k, launch, present, sizes), silu
+        # Its tensors go through save_for_backward, which refuses a backward after they were
+        # modified in place; the rest is kept on ctx.
+        ctx.save_for_backward(prepared.x, *prepared.params, mean, rstd)
+        ctx.prepared, ctx.silu = prepared._replace(x=None, params=None), silu
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
         return y
 
@@ -44,8 +46,7 @@ def _backward(ctx, dy):
     if dy is None:
         return (None,) * 8
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    k, launch, present, sizes = ctx.plan
-    prepared = (k, x, launch, (weight, bias, scale, shift), present, sizes)
+    prepared = ctx.prepared._replace(x=x, params=(weight, bias, scale, shift))
     grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.silu)
     return (*grads, None, None, None)
 

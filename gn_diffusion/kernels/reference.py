@@ -57,8 +57,9 @@ def accumulating(x: torch.Tensor):
 
 
 def _adagn_affine(weight, bias, scale, shift):
-    """[N, C] gamma = w (1 + s) and beta = b (1 + s) + t in as few ops as the present tensors
-    allow (either may be None: no factor, no offset)."""
+    """GN's affine and AdaGN folded: gamma = w (1 + s) and beta = b (1 + s) + t, in the dtype of
+    the tensors given, in as few ops as the present ones allow. Each is [N, C], or [C] when there
+    is no scale (and, for beta, no shift), or None: no factor (1), no offset (0)."""
     gamma, beta = weight, bias
     if scale is not None:
         one_plus = 1 + scale
@@ -92,29 +93,19 @@ def group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps=1e-5
     var, mean = torch.var_mean(d, dim=-1, correction=0, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     xhat = ((d - mean) * rstd).reshape(n, c, -1)
-    gamma, beta = _folded_affine(weight, bias, scale, shift, n, c, x.device)
+    # [C, 1] or [N, C, 1], against the [N, C, HW] view of x
+    gamma, beta = _adagn_affine(*(None if t is None else t.float()[..., None] for t in (weight, bias, scale, shift)))
     dz = dy.float().reshape(n, c, -1)
     if silu:
-        z = xhat * gamma + beta
+        z = xhat if gamma is None else xhat * gamma
+        z = z if beta is None else z + beta
         sig = torch.sigmoid(z)
         dz = dz * sig * (1 + z * (1 - sig))
-    dxhat = (dz * gamma).reshape(d.shape)
+    dxhat = (dz if gamma is None else dz * gamma).reshape(d.shape)
     xhat_g = xhat.reshape(d.shape)
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat_g * (dxhat * xhat_g).mean(-1, keepdim=True))
     grads = parameter_grads(dz.sum(-1), (dz * xhat).sum(-1), weight, bias, scale, shift)
     return (dx.reshape(x.shape).to(x.dtype), *grads)
-
-
-def _folded_affine(weight, bias, scale, shift, n, c, device):
-    """[N, C, 1] gamma = w * (1 + scale) and beta = b * (1 + scale) + shift, in float32."""
-    gamma = torch.ones(n, c, 1, device=device) if weight is None else weight.float()[None, :, None].expand(n, c, 1)
-    beta = torch.zeros(n, c, 1, device=device) if bias is None else bias.float()[None, :, None].expand(n, c, 1)
-    if scale is not None:
-        one_plus = 1 + scale.float()[:, :, None]
-        gamma, beta = gamma * one_plus, beta * one_plus
-    if shift is not None:
-        beta = beta + shift.float()[:, :, None]
-    return gamma, beta
 
 
 def parameter_grads(sum_dz, sum_dz_xhat, weight, bias, scale, shift):

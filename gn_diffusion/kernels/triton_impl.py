@@ -2,10 +2,15 @@
 
 Everything that depends only on the shape (the work split, grids, sizes, compile-time options) is
 computed once per shape and cached, so a call costs little more than the launches themselves.
+
+Importing this module imports no Triton and changes nothing outside it. The first call that needs
+the kernels in a mode (compiled or interpreted) loads them, and that load is the one place that
+changes process-wide state: see `_load_kernels`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -13,7 +18,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,29 +51,53 @@ def kernels(device: Optional[torch.device] = None):
 
 
 @functools.cache
-def _load_kernels(interpret: bool):
+def _load_kernels(interpret: bool) -> ModuleType:
+    """triton_kernels.py executed as its own module for one mode, once per process and mode, so
+    compiled and interpreted kernels can live side by side (CPU tensors on a CUDA machine).
+
+    What it changes process-wide, each for the reason given where it is done:
+    - sys.modules gains `gn_diffusion.kernels.triton_kernels_{interpreted,compiled}`;
+    - TRITON_INTERPRET is set to the mode while the module executes, then restored
+      (`_triton_interpret_set_to`);
+    - for the interpreted mode, with numpy 2.4 or later, Triton's interpreter is patched for good
+      (`_patch_the_interpreter_to_index_with_one_element_arrays`).
+    """
     if interpret:
-        _let_the_interpreter_index_with_one_element_arrays()
+        _patch_the_interpreter_to_index_with_one_element_arrays()
     name = f"{__package__}.triton_kernels_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # triton finds a kernel's globals through its module
+    with _triton_interpret_set_to(interpret):
+        spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _triton_interpret_set_to(interpret: bool):
+    """TRITON_INTERPRET (an environment variable: the whole process sees it, threads included) is
+    "1" or "0" inside, and as before after. `@triton.jit` reads it when it decorates a function,
+    to build an interpreted or a compiled one, and triton_kernels reads it to pick its sum; so
+    the mode a module is executed under is the mode of its kernels, whatever the caller has set."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        spec.loader.exec_module(module)
+        yield
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
-    return module
 
 
-def _let_the_interpreter_index_with_one_element_arrays() -> None:
-    """Triton's interpreter before 3.9 turns a tensor bound of `range` into an int with
-    int(ndarray of shape (1,)), which numpy 2.4 refuses, so every kernel with a loop fails there
-    (torch 2.11's Triton 3.6 beside numpy 2.5, say); give its tensors Triton 3.9's __index__."""
+def _patch_the_interpreter_to_index_with_one_element_arrays() -> None:
+    """Replaces `triton.runtime.interpreter._patch_lang_tensor`, for the rest of the process and
+    every interpreted kernel in it (ours or not), with one that also gives the interpreter's
+    tensors Triton 3.9's __index__ (the squeezed element). Why: Triton's interpreter before 3.9
+    turns a tensor bound of `range` into an int with int(ndarray of shape (1,)), which numpy 2.4
+    refuses, so every kernel with a loop fails there (torch 2.11's Triton 3.6 beside numpy 2.5,
+    say); on Triton 3.9 it repeats what Triton does. Does nothing with an older numpy, a Triton
+    without that function, or a second time."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -108,7 +138,9 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Plan:
+class LaunchPlan:
+    """How the kernels cut and tile each group of one shape (see triton_kernels for the names)."""
+
     block_c: int
     block_p: int
     channel_blocks: int
@@ -142,8 +174,8 @@ def _programs_to_fill(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.device,
-         chunks: Optional[int] = None) -> Plan:
-    """Cut each group into chunks so that groups * chunks programs fill the device; one chunk per
+         chunks: Optional[int] = None) -> LaunchPlan:
+    """The kernel launch plan: cut each group into chunks so that groups * chunks programs fill the device; one chunk per
     group when the groups alone do. `chunks` forces a target (tests use it to reach the split path)."""
     want = chunks if chunks is not None else _cdiv(_programs_to_fill(device), groups)
     min_tile = 1 if chunks is not None else MIN_TILE.get(device.type, MIN_TILE["cuda"])
@@ -160,14 +192,14 @@ def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.devi
     per_split = _cdiv(position_blocks, splits)
     splits = _cdiv(position_blocks, per_split)  # no empty split
     num_warps = min(8, max(1, block_c * block_p // 256))
-    return Plan(block_c, block_p, channel_blocks, splits, per_split * block_p, num_warps)
+    return LaunchPlan(block_c, block_p, channel_blocks, splits, per_split * block_p, num_warps)
 
 
 @dataclass(frozen=True)
 class Launch:
     """What the launches for one input shape and layout share (see triton_kernels for the names)."""
 
-    plan: Plan
+    plan: LaunchPlan
     grid: tuple[int]  # one program per chunk
     sizes: tuple[int, ...]  # G, Cg, HW, stride_n, stride_c, stride_p
     chunking: tuple[int, int, int]  # CB, S, PPS
@@ -184,12 +216,13 @@ def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool,
     launch, activation and set of present tensors, then reused by every call."""
     per_kernel = launch.options.get((silu, present))
     if per_kernel is None:
-        p = launch.plan
+        launch_plan = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
         per_kernel = launch.options[silu, present] = {
-            "fwd_apply": dict(BLOCK_K=_pow2(p.chunks), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "fwd_apply": dict(BLOCK_K=_pow2(launch_plan.chunks), FUSED=launch_plan.fused, SILU=silu, **launch.tile,
+                              **flags),
             "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
-            "bwd_dx": dict(BLOCK_S=_pow2(p.splits), FUSED=p.fused, SILU=silu, **launch.tile, **flags),
+            "bwd_dx": dict(BLOCK_S=_pow2(launch_plan.splits), FUSED=launch_plan.fused, SILU=silu, **launch.tile, **flags),
             "param_grads": dict(**launch.param_tile, **flags),
         }
     return per_kernel[kernel]
@@ -206,33 +239,60 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
     n, c = shape[:2]
     cg, hw = c // num_groups, math.prod(shape[2:])
     strides = (hw * c, 1, c) if channels_last else (c * hw, hw, 1)
-    p = plan(n * num_groups, cg, hw, channels_last, device, chunks)
+    launch_plan = plan(n * num_groups, cg, hw, channels_last, device, chunks)
     param_c = min(PARAM_BLOCK_C, _pow2(c))
     return Launch(
-        plan=p, grid=(n * num_groups * p.chunks,), sizes=(num_groups, cg, hw, *strides),
-        chunking=(p.channel_blocks, p.splits, p.positions_per_split),
-        tile=dict(BLOCK_C=p.block_c, BLOCK_P=p.block_p, num_warps=p.num_warps),
+        plan=launch_plan, grid=(n * num_groups * launch_plan.chunks,), sizes=(num_groups, cg, hw, *strides),
+        chunking=(launch_plan.channel_blocks, launch_plan.splits, launch_plan.positions_per_split),
+        tile=dict(BLOCK_C=launch_plan.block_c, BLOCK_P=launch_plan.block_p, num_warps=launch_plan.num_warps),
         param_grid=(_cdiv(c, param_c),),
         param_tile=dict(BLOCK_N=min(_pow2(n), max(1, MAX_TILE // param_c)), BLOCK_C=param_c),
         channels=shape[1:2], rows=shape[:2],
     )
 
 
-def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> tuple:
-    """Everything a forward and its backward share, worked out once per call: (kernel module,
-    x in a layout the kernels read, its cached Launch, weight, bias, scale, shift as the kernels
-    read them, which of those are present, and the sizes every kernel takes: G, Cg, HW, x's three
-    strides, scale's and shift's row strides, CB, S, PPS). Whoever calls, a tensor the kernels
-    would index out of its bounds is refused, here, on every call (a few shape comparisons)."""
+class KernelSizes(NamedTuple):
+    """The scalar arguments every kernel takes after its pointers, in the kernels' order and with
+    their names (see triton_kernels); passed as `*sizes`."""
+
+    G: int
+    Cg: int
+    HW: int
+    stride_n: int  # x's strides: per sample, channel and position
+    stride_c: int
+    stride_p: int
+    stride_s: int  # the row stride of the [N, C] scale (0 when there is none)
+    stride_t: int  # and of shift
+    CB: int
+    S: int
+    PPS: int
+
+
+class Prepared(NamedTuple):
+    """Everything a forward and its backward share, worked out once per call by `prepare`.
+    NamedTuples (not dataclasses) since one is built per call: they cost about as much to make
+    as the plain tuples they name."""
+
+    kernels: ModuleType  # triton_kernels, compiled or interpreted as x's device needs (see `kernels`)
+    x: torch.Tensor  # in a layout the kernels read (see `dense_layout`)
+    launch: Launch  # cached per shape and layout: the launch plan, grids, tiles
+    params: tuple[Optional[torch.Tensor], ...]  # weight, bias, scale, shift as the kernels index them
+    present: tuple[bool, bool, bool, bool]  # which of params are not None: the kernels' HAS_* flags
+    sizes: KernelSizes
+
+
+def prepare(x, weight, bias, scale, shift, num_groups: int, chunks: Optional[int] = None) -> Prepared:
+    """The host work of one call (see `Prepared`). Whoever calls, a tensor the kernels would index
+    out of its bounds is refused, here, on every call (a few shape comparisons)."""
     x, channels_last = dense_layout(x)
     launch = launch_for(x.shape, channels_last, num_groups, x.device, chunks)
     c, rows = launch.channels, launch.rows
     if not (_fits(weight, c) and _fits(bias, c) and _fits(scale, rows) and _fits(shift, rows)):
         weight, bias, scale, shift = _readable(x.shape, launch, weight, bias, scale, shift)
     present = (weight is not None, bias is not None, scale is not None, shift is not None)
-    row_strides = (0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0))
-    return (kernels(x.device), x, launch, (weight, bias, scale, shift), present,
-            (*launch.sizes, *row_strides, *launch.chunking))
+    sizes = KernelSizes(*launch.sizes, 0 if scale is None else scale.stride(0),
+                        0 if shift is None else shift.stride(0), *launch.chunking)
+    return Prepared(kernels(x.device), x, launch, (weight, bias, scale, shift), present, sizes)
 
 
 def _fits(t: Optional[torch.Tensor], shape: torch.Size) -> bool:
@@ -263,20 +323,19 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bo
     return forward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), eps, silu)
 
 
-def forward_prepared(prepared: tuple, eps: float, silu: bool):
-    k, x, launch, params, present, sizes = prepared
-    ptrs = _pointers(x, params)
-    fused = launch.plan.fused
+def forward_prepared(prepared: Prepared, eps: float, silu: bool):
+    k, x, launch, sizes = prepared.kernels, prepared.x, prepared.launch, prepared.sizes
+    ptrs = _pointers(x, prepared.params)
     y = new_output(x)
-    mean = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
-    rstd = new_output((x.shape[0], sizes[0]), torch.float32, x.device)
-    if fused:
+    mean = new_output((x.shape[0], sizes.G), torch.float32, x.device)
+    rstd = new_output((x.shape[0], sizes.G), torch.float32, x.device)
+    if launch.plan.fused:
         ws = (mean, mean, mean)  # not read
     else:
         ws = [torch.empty(launch.grid, dtype=torch.float32, device=x.device) for _ in range(3)]
         k.fwd_stats_kernel[launch.grid](x, *ws, *sizes, **launch.tile)
     k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps,
-                                    **kernel_options(launch, "fwd_apply", silu, present))
+                                    **kernel_options(launch, "fwd_apply", silu, prepared.present))
     return y, mean, rstd
 
 
@@ -287,9 +346,9 @@ def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, sil
     return backward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), dy, mean, rstd, silu)
 
 
-def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
-    k, x, launch, params, present, sizes = prepared
-    ptrs = _pointers(x, params)
+def backward_prepared(prepared: Prepared, dy, mean, rstd, silu: bool):
+    k, x, launch, sizes, present = prepared.kernels, prepared.x, prepared.launch, prepared.sizes, prepared.present
+    ptrs = _pointers(x, prepared.params)
     dy = match_layout(dy, x)
     dx = new_output(x)
     sg = new_output(x.shape[:2], torch.float32, x.device)  # per (n, c) sums of dz and dz * xhat
@@ -304,7 +363,7 @@ def backward_prepared(prepared: tuple, dy, mean, rstd, silu: bool):
                                  **kernel_options(launch, "bwd_dx", silu, present))
     if not any(present):
         return dx, None, None, None, None
-    return (dx, *_parameter_grads(k, launch, sg, sgx, params, ptrs, sizes[6], present))
+    return (dx, *_parameter_grads(k, launch, sg, sgx, prepared.params, ptrs, sizes.stride_s, present))
 
 
 def _row_grad(t: Optional[torch.Tensor], sums: torch.Tensor) -> Optional[torch.Tensor]:
