@@ -28,8 +28,8 @@ from gn_diffusion.model.unet import build_unet
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
 from gn_diffusion.train.ema import EMA
 from gn_diffusion.train.loop import make_accelerator, plan_run, start_session
-from gn_diffusion.train.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_gradients, fused_without_scaler,
-                                     learning_rate, make_optimizer, to_device)
+from gn_diffusion.train.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_divisor, gradient_norm, learning_rate,
+                                     make_optimizer, to_device)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from op_count import OpCounter  # noqa: E402 (the tests' op counter, beside them)
@@ -122,7 +122,7 @@ def ours(name: str, config: str, cfg: Config, batch: int) -> Contender:
 
 def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     """diffusers' UNet2DModel with a hand-written step equal to TrainStep's: same draws and loss,
-    same precision (accelerate's autocast), the same clipping (step.clip_gradients, inside fused
+    same precision (accelerate's autocast), the same clipping (step.clip_divisor, inside fused
     AdamW), fused AdamW, foreach EMA: the model comparison, GNUNet against UNet2DModel with
     nothing else different."""
     accelerator, fmt = runtime(cfg)
@@ -135,7 +135,6 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
     ema = ema_of(accelerator, model, cfg)
     host = host_batch(cfg, batch, accelerator.device)
     adamw = optimizer.optimizer
-    clips_in = adamw if fused_without_scaler(adamw, accelerator) else None  # as TrainStep
 
     def step(i: int):
         for group in optimizer.param_groups:
@@ -145,9 +144,11 @@ def theirs(name: str, config: str, cfg: Config, batch: int) -> Contender:
         draws = draw_step(b["image"], cfg.diffusion.num_train_timesteps, t.label_dropout, generator)
         loss = objective(forward, b["image"], b["label"], draws, cfg)
         accelerator.backward(loss)
-        clip_gradients(weights, t.grad_clip, clips_in)
+        if accelerator.scaler is None:  # as TrainStep; under fp16 the scaler's step would replace grad_scale
+            adamw.grad_scale = clip_divisor(gradient_norm(weights), t.grad_clip)
+        elif t.grad_clip:
+            accelerator.clip_grad_norm_(weights, t.grad_clip)
         optimizer.step()
-        adamw.grad_scale = None
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
         return loss.detach()

@@ -37,14 +37,14 @@ def test_a_skipped_step_leaves_everything_as_it_was_and_is_counted(tmp_path, mon
     before = state_of(session)
     import gn_diffusion.train.step as step_module
 
-    real = step_module.objective
-    monkeypatch.setattr(step_module, "objective", lambda *a: real(*a) * float("nan"))
+    real = step_module.training_loss
+    monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * float("nan"))
     with OpCounter() as ops:
         session.step(session.data, 1)
     assert ops.syncs == 0
     assert_same(before, state_of(session))  # weights, BN running statistics, AdamW moments and step, EMA
     assert session.step.guard.counts() == (1, 1)
-    monkeypatch.setattr(step_module, "objective", real)
+    monkeypatch.setattr(step_module, "training_loss", real)
     session.step(session.data, 2)
     assert session.step.guard.counts() == (0, 1)
     after = state_of(session)
@@ -67,3 +67,65 @@ def test_too_many_skips_in_a_row_stop_the_run_with_the_good_checkpoints_and_mode
                          "had a non-finite loss or gradient norm (more than train.max_bad_steps=1 in a row); "
                          "the last good checkpoint is", out / "checkpoints")
     assert snapshot(out / "model") == model_before
+
+
+def scaled_session(tmp_path, scaler):
+    """A session stepping through `scaler` as accelerate's fp16 does on a GPU (on the CPU
+    accelerate makes none; the step's code path is the same)."""
+    plan = plan_run(tiny_config(tmp_path / "run", *BN))
+    plan.accelerator.scaler = scaler
+    return start_session(plan)
+
+
+def test_under_a_loss_scaler_its_overflow_skips_are_the_guards_skips(tmp_path, monkeypatch):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100, backoff_factor=2.0 ** -90)
+    session = scaled_session(tmp_path, scaler)
+    before = state_of(session)
+    import gn_diffusion.train.step as step_module
+
+    real = step_module.training_loss
+    # A finite loss whose scaled gradients overflow float32: the scaler's own kind of skip.
+    monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * 1e20)
+    with OpCounter() as ops:
+        session.step(session.data, 0)
+    assert ops.syncs == 0
+    assert_same(before, state_of(session))  # the BN statistics too, which the scaler alone would not restore
+    assert session.step.guard.counts() == (1, 1) and scaler.get_scale() == 2.0 ** 10
+    monkeypatch.setattr(step_module, "training_loss", real)
+    session.step(session.data, 1)
+    assert session.step.guard.counts() == (0, 1)
+    # The output conv starts at zero, so the first good step moves it alone.
+    assert not torch.equal(state_of(session)[0]["conv_out.weight"], before[0]["conv_out.weight"])
+
+
+def test_under_a_loss_scaler_a_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    session = scaled_session(tmp_path, torch.amp.GradScaler("cpu", init_scale=2.0 ** 7))
+    session.step(session.data, 0)
+    before = state_of(session)
+    import gn_diffusion.train.step as step_module
+
+    real = step_module.training_loss
+    monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * float("inf"))
+    session.step(session.data, 1)
+    assert_same(before, state_of(session))
+    assert session.step.guard.counts() == (1, 1)
+
+
+class AdamWWithoutFused(torch.optim.AdamW):
+    """AdamW as torch builds it on a device without the fused kernel."""
+
+    def __init__(self, params, **options):
+        if options.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        super().__init__(params, **options)
+
+
+def test_a_device_without_fused_adamw_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from conftest import TINY
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamWWithoutFused)
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, "train.py", [*TINY, f"train.output_dir={out}", "train.max_steps=1"],
+                         "has no fused AdamW on cpu, which the non-finite guard needs to skip a bad step on the "
+                         "device; set runtime.cpu=true or train on a CUDA device.", tmp_path)
+    assert not out.exists()

@@ -68,9 +68,12 @@ def objective(model, images: torch.Tensor, labels: torch.Tensor, draws: StepDraw
     return F.mse_loss(*prediction_and_target(model, images, draws.timesteps, draws.noise, labels, cfg.diffusion, tables))
 
 
-def training_loss(model, batch: dict, cfg, generator: torch.Generator) -> torch.Tensor:
-    """The mean loss of one micro-batch; every random draw comes from `generator`."""
+def training_loss(model, batch: dict, cfg, generator: torch.Generator,
+                  tables: NoiseTables | None = None) -> torch.Tensor:
+    """The mean loss of one micro-batch (images and labels on the training device), every random
+    draw from `generator`: what each training step computes, and all it computes before the
+    backward."""
     images, d = batch["image"], cfg.diffusion
     draws = draw_step(images, d.num_train_timesteps, cfg.train.label_dropout, generator, d.offset_noise,
                       cfg.data.random_crop)
-    return objective(model, images, batch["label"], draws, cfg)
+    return objective(model, images, batch["label"], draws, cfg, tables)

@@ -4,8 +4,12 @@ A skipped step leaves everything as it was before it: fused AdamW takes the flag
 and leaves parameters, moments and step counts alone; BatchNorm's running statistics (small) are
 restored from a copy taken before the forward; the EMA does not move. The flag and the counts stay
 on the device, so the guard adds no host sync; the loop reads them on log and checkpoint steps.
-Under fp16 the loss scaler already skips such steps while it finds its scale, and those skips
-are not counted.
+Under fp16 the flag covers the loss scaler's own skips too: the norm is taken of the unscaled
+gradients, so one that overflowed makes it non-finite, and such a step is skipped and counted.
+
+Its own module, though only the step uses it, because it holds state that outlives a step (the
+buffers' copy, the flag, the counts the loop reads) and step.py reads better calling its three
+moments by name: start, judge, finish.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ from torch import nn
 
 
 class NonFiniteGuard:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, enabled: bool):
-        self.optimizer, self.enabled = optimizer, enabled
+    def __init__(self, model: nn.Module, device: torch.device):
         self.buffers = list(model.buffers())
         self.saved = [b.clone() for b in self.buffers]
         self.bad = torch.zeros((), device=device)  # 1.0 when the current step is skipped
@@ -28,23 +31,20 @@ class NonFiniteGuard:
     def start(self) -> None:
         """Before a step's first forward: remember the buffers a skipped step must restore."""
         self.bad.zero_()
-        if self.enabled and self.buffers:
+        if self.buffers:
             torch._foreach_copy_(self.saved, self.buffers)
 
-    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
-        """Mark the step bad if this micro-batch's loss (or the step's gradient norm) is not finite."""
-        if not self.enabled:
-            return
-        value = loss if grad_norm is None else loss + grad_norm  # not finite if either is
-        # 0 * value is 0 exactly when value is finite (inf and nan give nan): the flag in four
-        # small ops, where isfinite alone takes four for each number.
+    def judge(self, losses: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """Mark the step bad if a micro-batch's loss or the step's gradient norm is not finite."""
+        value = grad_norm
+        for loss in losses:
+            value = value + loss  # not finite if any term is
+        # 0 * value is 0 exactly when value is finite (inf and nan give nan): the flag in three
+        # small ops, where isfinite alone takes four.
         self.bad.masked_fill_((value * 0).ne(0), 1.0)
-        self.optimizer.found_inf = self.bad  # fused AdamW skips its update where this is nonzero
 
     def finish(self) -> None:
         """After the optimizer step: undo a skipped step's buffer updates and count it."""
-        if not self.enabled:
-            return
         if self.buffers:  # where, not arithmetic: exact, and a NaN statistic must not survive
             keep_saved = self.bad.bool()
             torch._foreach_copy_(self.buffers, [torch.where(keep_saved, old, new)

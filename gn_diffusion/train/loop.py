@@ -38,7 +38,7 @@ from ..sample.checks import check_images_fit, check_sampling
 from ..sample.generate import every_class_once, generate
 from ..sample.model_folder import export_model
 from .ema import EMA
-from .step import TrainStep, learning_rate, make_optimizer
+from .step import TrainStep, check_fused_adamw, learning_rate, make_optimizer
 from .tracking import check_tracker, log_grid, log_with, start_trackers
 
 
@@ -146,6 +146,7 @@ def plan_run(cfg: Config) -> RunPlan:
     check_output_path(cfg)
     accelerator = make_accelerator(cfg)
     check_runtime(cfg.runtime, accelerator.device)
+    check_fused_adamw(accelerator.device)
     set_seed(cfg.train.seed)  # before the model is built: same seed, same initial weights
     with lower_on_oom("building the model", "model.base_channels", "model.channel_mult", "model.num_res_blocks"):
         model = build_unet(cfg.model, cfg.runtime)
