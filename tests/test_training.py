@@ -77,6 +77,17 @@ def test_learning_rate_warms_up_then_holds(tmp_path):
     assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
+def test_every_lr_schedule_the_config_accepts_maps_to_a_diffusers_schedule():
+    import typing
+
+    from gn_diffusion.config import TrainConfig
+    from gn_diffusion.train.step import DIFFUSERS_SCHEDULES
+
+    # get_type_hints, not the field's .type: under postponed annotations that is a string.
+    names = typing.get_args(typing.get_type_hints(TrainConfig)["lr_schedule"])
+    assert names and set(names) == set(DIFFUSERS_SCHEDULES)
+
+
 def test_learning_rate_schedules_follow_diffusers_after_the_warm_up(tmp_path):
     for name, tail in (("linear", [0.75, 0.5, 0.25, 0.0]), ("cosine", [0.854, 0.5, 0.146, 0.0])):
         cfg = tiny_config(tmp_path, "train.lr=1.0", "train.warmup_steps=2", "train.max_steps=6", f"train.lr_schedule={name}")
@@ -212,8 +223,6 @@ def test_steps_clip_like_clip_grad_norm_then_update_like_adamw(tmp_path, clip, w
     single-tensor AdamW at the step's learning rate."""
     import copy
 
-    from gn_diffusion.diffusion.draws import draw_step
-    from gn_diffusion.diffusion.objective import objective
     from gn_diffusion.diffusion.seeding import mixed_seed
     from gn_diffusion.train.loop import plan_run, start_session
 
@@ -228,10 +237,9 @@ def test_steps_clip_like_clip_grad_norm_then_update_like_adamw(tmp_path, clip, w
         batches = [next(session.data) for _ in range(accumulation)]
         step(iter(batches), number)
         for micro, batch in enumerate(batches, start=number * accumulation):
-            images = to_device(batch, torch.device("cpu"), torch.contiguous_format)["image"]
-            draws = draw_step(images, cfg.diffusion.num_train_timesteps, t.label_dropout,
-                              torch.Generator().manual_seed(mixed_seed(t.seed, micro, 0)))
-            (objective(reference, images, batch["label"], draws, cfg) / accumulation).backward()
+            generator = torch.Generator().manual_seed(mixed_seed(t.seed, micro, 0))
+            on_device = to_device(batch, torch.device("cpu"), torch.contiguous_format)
+            (training_loss(reference, on_device, cfg, generator) / accumulation).backward()
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))
         assert (norm > 10 * clip) if clip else norm > 0  # the clip, when set, really cuts
         optimizer.param_groups[0]["lr"] = learning_rate(cfg, number)
