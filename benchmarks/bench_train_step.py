@@ -61,8 +61,8 @@ def slug(name: str) -> str:
 def contender_plan(args, device) -> list[tuple[str, str, str]]:
     """(name, config, backend) of every contender in a cell; the diffusers ones last (the model
     comparison, then the example), so each block of ours is followed by theirs."""
-    plan = [(f"ours-{config}-{backend}", config, backend) for backend in args.backends for config in args.configs]
-    return plan + [(name, "cifar10", "torch") for name in DIFFUSERS]
+    contenders = [(f"ours-{config}-{backend}", config, backend) for backend in args.backends for config in args.configs]
+    return contenders + [(name, "cifar10", "torch") for name in DIFFUSERS]
 
 
 def cell_config(args, config: str, backend: str, batch: int, compile_mode: str, channels_last: bool):

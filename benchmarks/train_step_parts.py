@@ -27,7 +27,7 @@ from gn_diffusion.diffusion.seeding import seeded_generator
 from gn_diffusion.model.unet import build_unet
 from gn_diffusion.runtime import compile_model, configure_torch, memory_format
 from gn_diffusion.train.ema import EMA
-from gn_diffusion.train.loop import make_accelerator, plan_run, start_session
+from gn_diffusion.train.loop import make_accelerator, check_run, start_session
 from gn_diffusion.train.step import (DIFFUSERS_SCHEDULES, TrainStep, clip_divisor, gradient_norm, learning_rate,
                                      make_optimizer, to_device)
 
@@ -226,17 +226,17 @@ def example(name: str, config: str, cfg: Config, batch: int) -> Contender:
 
 def loop_pair(threads: int, precision: str) -> tuple[Contender, Contender, Config]:
     """(whole loop, bare step) for the shrunk digits topology at batch 2, CPU, eager."""
-    out = tempfile.mkdtemp(prefix="bench-loop-")  # plan_run and start_session write only the lock there
+    out = tempfile.mkdtemp(prefix="bench-loop-")  # check_run and start_session write only the lock there
     cfg = load_config("configs/digits.yaml", TINY_DIGITS + [
         "train.batch_size=2", f"train.output_dir={out}", f"train.mixed_precision='{precision}'",
         "runtime.cpu=true", f"runtime.cpu_threads={threads}", "runtime.backend=torch", "runtime.compile=none"])
-    plan = plan_run(cfg)
+    plan = check_run(cfg)
     bare_model = copy.deepcopy(plan.model)  # same weights, its own optimizer
     session = start_session(plan)
     window, log_every = [], cfg.train.log_every
 
     def loop(i: int):
-        window.extend(session.step(session.data, i))
+        window.extend(session.train_step(session.batches, i))
         if (i + 1) % log_every == 0:  # run()'s log step: the one host read-back
             torch.stack(window).mean().item()
             window.clear()

@@ -93,13 +93,13 @@ def memory_format(runtime: RuntimeConfig) -> torch.memory_format:
     return torch.channels_last if runtime.channels_last else torch.contiguous_format
 
 
-def compile_model(model: torch.nn.Module, runtime: RuntimeConfig, backend: Optional[str] = None) -> Callable:
+def compile_model(model: torch.nn.Module, runtime: RuntimeConfig, compiler: Optional[str] = None) -> Callable:
     """The model's training forward (and, through AOTAutograd, its backward), compiled per
-    runtime.compile; the model itself when it is none. `backend` replaces Inductor (tests use
-    "eager" to count graphs without paying for code generation)."""
+    runtime.compile; the model itself when it is none. `compiler` (torch.compile's backend)
+    replaces Inductor: tests use "eager" to count graphs without paying for code generation."""
     if runtime.compile == "none":
         return model
-    options = {"backend": backend} if backend else {"mode": runtime.compile}
+    options = {"backend": compiler} if compiler else {"mode": runtime.compile}
     return torch.compile(model, **options)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from gn_diffusion.cli import run_cli
 from gn_diffusion.config import load_config
-from gn_diffusion.train.loop import plan_run, start_session, train
+from gn_diffusion.train.loop import check_run, start_session, train
 from op_count import OpCounter
 
 from conftest import assert_fails_cleanly, script_main, snapshot, tiny_config
@@ -17,7 +17,7 @@ BN = ["model.norm=batch", "train.batch_size=4", "train.log_every=100"]
 
 
 def state_of(session):
-    step = session.step
+    step = session.train_step
     optimizer = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
                  for k, st in step.adamw.state.items()}
     return (copy.deepcopy(step.unwrapped.state_dict()), optimizer, copy.deepcopy(step.ema.state_dict()))
@@ -32,21 +32,21 @@ def assert_same(a, b):
 
 
 def test_a_skipped_step_leaves_everything_as_it_was_and_is_counted(tmp_path, monkeypatch):
-    session = start_session(plan_run(tiny_config(tmp_path / "run", *BN)))
-    session.step(session.data, 0)
+    session = start_session(check_run(tiny_config(tmp_path / "run", *BN)))
+    session.train_step(session.batches, 0)
     before = state_of(session)
     import gn_diffusion.train.step as step_module
 
     real = step_module.training_loss
     monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * float("nan"))
     with OpCounter() as ops:
-        session.step(session.data, 1)
+        session.train_step(session.batches, 1)
     assert ops.syncs == 0
     assert_same(before, state_of(session))  # weights, BN running statistics, AdamW moments and step, EMA
-    assert session.step.guard.counts() == (1, 1)
+    assert session.train_step.guard.counts() == (1, 1)
     monkeypatch.setattr(step_module, "training_loss", real)
-    session.step(session.data, 2)
-    assert session.step.guard.counts() == (0, 1)
+    session.train_step(session.batches, 2)
+    assert session.train_step.guard.counts() == (0, 1)
     after = state_of(session)
     assert not torch.equal(after[0]["conv_in.weight"], before[0]["conv_in.weight"])
 
@@ -72,7 +72,7 @@ def test_too_many_skips_in_a_row_stop_the_run_with_the_good_checkpoints_and_mode
 def scaled_session(tmp_path, scaler):
     """A session stepping through `scaler` as accelerate's fp16 does on a GPU (on the CPU
     accelerate makes none; the step's code path is the same)."""
-    plan = plan_run(tiny_config(tmp_path / "run", *BN))
+    plan = check_run(tiny_config(tmp_path / "run", *BN))
     plan.accelerator.scaler = scaler
     return start_session(plan)
 
@@ -87,28 +87,28 @@ def test_under_a_loss_scaler_its_overflow_skips_are_the_guards_skips(tmp_path, m
     # A finite loss whose scaled gradients overflow float32: the scaler's own kind of skip.
     monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * 1e20)
     with OpCounter() as ops:
-        session.step(session.data, 0)
+        session.train_step(session.batches, 0)
     assert ops.syncs == 0
     assert_same(before, state_of(session))  # the BN statistics too, which the scaler alone would not restore
-    assert session.step.guard.counts() == (1, 1) and scaler.get_scale() == 2.0 ** 10
+    assert session.train_step.guard.counts() == (1, 1) and scaler.get_scale() == 2.0 ** 10
     monkeypatch.setattr(step_module, "training_loss", real)
-    session.step(session.data, 1)
-    assert session.step.guard.counts() == (0, 1)
+    session.train_step(session.batches, 1)
+    assert session.train_step.guard.counts() == (0, 1)
     # The output conv starts at zero, so the first good step moves it alone.
     assert not torch.equal(state_of(session)[0]["conv_out.weight"], before[0]["conv_out.weight"])
 
 
 def test_under_a_loss_scaler_a_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     session = scaled_session(tmp_path, torch.amp.GradScaler("cpu", init_scale=2.0 ** 7))
-    session.step(session.data, 0)
+    session.train_step(session.batches, 0)
     before = state_of(session)
     import gn_diffusion.train.step as step_module
 
     real = step_module.training_loss
     monkeypatch.setattr(step_module, "training_loss", lambda *a: real(*a) * float("inf"))
-    session.step(session.data, 1)
+    session.train_step(session.batches, 1)
     assert_same(before, state_of(session))
-    assert session.step.guard.counts() == (1, 1)
+    assert session.train_step.guard.counts() == (1, 1)
 
 
 class AdamWWithoutFused(torch.optim.AdamW):

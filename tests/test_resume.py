@@ -14,7 +14,7 @@ from accelerate.state import PartialState
 from gn_diffusion.errors import UserError
 from gn_diffusion.files import take_lock
 from gn_diffusion.run_folder.checkpoint import latest_checkpoint
-from gn_diffusion.train.loop import plan_run, train
+from gn_diffusion.train.loop import check_run, train
 from conftest import in_each_process, launch_two_processes, tiny_config
 
 # Dropout, flips, label dropout and accumulation all draw randomness that must resume exactly.
@@ -66,7 +66,7 @@ def _stop_then_resume_on_two_processes(tmp: str):
     state.wait_for_everyone()
     holder = (tmp / "split" / ".lock").read_text().strip()
     with pytest.raises(UserError, match=f"is in use by process {holder}, "):
-        plan_run(tiny_config(tmp / "split", *STRESS, SYNCED, "train.max_steps=6", "train.resume=auto"))
+        check_run(tiny_config(tmp / "split", *STRESS, SYNCED, "train.max_steps=6", "train.resume=auto"))
     if held is not None:
         held.release()
 

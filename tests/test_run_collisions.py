@@ -21,7 +21,7 @@ from gn_diffusion.evaluate import command as evaluate
 from gn_diffusion.run_folder.checkpoint import list_checkpoints
 from gn_diffusion.run_folder.claim import claim_output_dir
 from gn_diffusion.run_folder.layout import RunLayout
-from gn_diffusion.train.loop import plan_run, train
+from gn_diffusion.train.loop import check_run, train
 
 from conftest import ROOT, TINY, assert_fails_cleanly, snapshot, tiny_config
 
@@ -58,12 +58,12 @@ def test_a_locked_run_folder_is_refused_naming_the_holder_until_it_dies(run_dir,
         assert_fails_cleanly(capsys, evaluate.main, [str(run_dir)], said + "wait for it to end, then evaluate", run_dir)
     killed = snapshot(run_dir)  # its .lock is left behind, its pid inside
     with pytest.raises(UserError, match="holds a run with other settings"):  # refused after taking the lock
-        plan_run(tiny_config(run_dir, "model.base_channels=32", "train.resume=auto"))
+        check_run(tiny_config(run_dir, "model.base_channels=32", "train.resume=auto"))
     assert snapshot(run_dir) == killed
-    plan = plan_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))  # a killed holder holds nothing
+    plan = check_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))  # a killed holder holds nothing
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
     with pytest.raises(UserError, match=f"is in use by process {os.getpid()},"):
-        plan_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))
+        check_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))
     plan.release()
     assert not (run_dir / ".lock").exists()
 
@@ -81,7 +81,7 @@ def test_overwrite_deletes_only_a_folder_whose_config_reads_as_a_run(tmp_path, c
                              f"{out} holds model and 1 more but no config.yaml of a run, so it is not a run", tmp_path)
     cfg = tiny_config(out, "train.max_steps=1", "train.overwrite=true")
     save_config(tiny_config(out, "model.base_channels=32"), out / "config.yaml")  # now it is a run: replaced
-    plan = plan_run(cfg)
+    plan = check_run(cfg)
     claim_output_dir(cfg, plan.listing)
     plan.release()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "data.json"]
@@ -123,7 +123,7 @@ def test_a_resume_on_other_images_is_refused_naming_how_many_changed(tmp_path, c
         assert_fails_cleanly(capsys, "train.py", resume, f"the training images changed since this run started {said}; "
                              "a resume must see the same ones", out)
     image_folder(data, 8)  # as it was: the resume may go on
-    plan_run(tiny_config(out, *resume)).release()
+    check_run(tiny_config(out, *resume)).release()
 
 
 def test_an_hf_split_is_listed_by_its_files_and_rows(tmp_path):

@@ -11,7 +11,7 @@ from gn_diffusion.diffusion.draws import draw_step
 from gn_diffusion.diffusion.objective import objective
 from gn_diffusion.diffusion.schedules import noise_tables
 from gn_diffusion.diffusion.seeding import seeded_generator
-from gn_diffusion.train.loop import plan_run, start_session, train
+from gn_diffusion.train.loop import check_run, start_session, train
 from op_count import OpCounter
 
 from conftest import TINY, assert_fails_cleanly, tiny_config
@@ -22,12 +22,12 @@ SHRUNK = ["model.base_channels=8", "model.groups=4", "train.batch_size=2", "runt
 
 
 def session_of(tmp_path, *overrides):
-    return start_session(plan_run(tiny_config(tmp_path / "run", *SHRUNK, *overrides)))
+    return start_session(check_run(tiny_config(tmp_path / "run", *SHRUNK, *overrides)))
 
 
 def model_forward_backward_ops(session) -> int:
     """Ops of the model's own forward and backward on one micro-batch (the floor of any step)."""
-    model = session.step.model
+    model = session.train_step.model
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
     with OpCounter() as ops:
         model(x, t).sample.square().mean().backward()
@@ -38,12 +38,12 @@ def model_forward_backward_ops(session) -> int:
 @pytest.mark.parametrize("extra", [[], ["model.norm=batch", "model.num_classes=10", "data.random_flip=true"]])
 def test_steps_between_logs_dispatch_little_more_than_the_model_and_never_sync(tmp_path, extra):
     session = session_of(tmp_path, *extra)
-    session.step(session.data, 0)  # warm-up: lazy optimizer state, first loader iterator
+    session.train_step(session.batches, 0)  # warm-up: lazy optimizer state, first loader iterator
     floor = model_forward_backward_ops(session)
     steps = 3  # the steps between two logs (train.log_every=4)
     with OpCounter() as ops:
         for step in range(1, 1 + steps):
-            session.step(session.data, step)
+            session.train_step(session.batches, step)
     per_step = ops.total / steps
     assert ops.syncs == 0, ops.sync_calls
     assert per_step <= 1.25 * floor, f"{per_step:.0f} ops per step against {floor} for the model alone"
@@ -135,11 +135,11 @@ def test_compile_settings_that_cannot_run_are_refused_before_anything_runs(tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_steps_never_sync(tmp_path):
     session = session_of(tmp_path, "runtime.backend=auto")
-    session.step(session.data, 0)
+    session.train_step(session.batches, 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any sync inside a step raises
     try:
-        losses = [loss for step in range(1, 4) for loss in session.step(session.data, step)]
+        losses = [loss for step in range(1, 4) for loss in session.train_step(session.batches, step)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(losses) == 3 and bool(torch.isfinite(torch.stack(losses)).all())

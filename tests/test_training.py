@@ -224,17 +224,17 @@ def test_steps_clip_like_clip_grad_norm_then_update_like_adamw(tmp_path, clip, w
     import copy
 
     from gn_diffusion.diffusion.seeding import mixed_seed
-    from gn_diffusion.train.loop import plan_run, start_session
+    from gn_diffusion.train.loop import check_run, start_session
 
     cfg = tiny_config(tmp_path / "run", f"train.grad_clip={clip}", f"train.weight_decay={weight_decay}",
                       f"train.gradient_accumulation_steps={accumulation}", "runtime.backend=torch")
-    session, t = start_session(plan_run(cfg)), cfg.train
-    step = session.step
+    session, t = start_session(check_run(cfg)), cfg.train
+    step = session.train_step
     reference = copy.deepcopy(step.unwrapped)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1.0, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay, foreach=False)
     for number in range(2):
-        batches = [next(session.data) for _ in range(accumulation)]
+        batches = [next(session.batches) for _ in range(accumulation)]
         step(iter(batches), number)
         for micro, batch in enumerate(batches, start=number * accumulation):
             generator = torch.Generator().manual_seed(mixed_seed(t.seed, micro, 0))

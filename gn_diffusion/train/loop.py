@@ -118,7 +118,7 @@ class Throughput:
 
 
 @dataclass
-class RunPlan:
+class CheckedRun:
     """A checked run: its config, folder, accelerator, model, data and the checkpoint to resume
     from, and the folder's lock (the main process's). Making it writes nothing but the lock."""
 
@@ -136,7 +136,7 @@ class RunPlan:
             self.lock.release()
 
 
-def plan_run(cfg: Config) -> RunPlan:
+def check_run(cfg: Config) -> CheckedRun:
     """Every check a run can fail (hardware, runtime settings, model, data, batch against data,
     output folder and checkpoint) before anything is written; the folder's lock is taken before
     the folder is read, and given back untouched when a check fails after it."""
@@ -166,74 +166,75 @@ def plan_run(cfg: Config) -> RunPlan:
         if lock is not None:
             lock.release(undo=True)
         raise
-    return RunPlan(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from, listing, lock)
+    return CheckedRun(cfg, RunLayout(cfg.train.output_dir), accelerator, model, dataset, resume_from, listing, lock)
 
 
 def train(cfg: Config, *, progress: bool = True) -> Path:
     """Run (or resume, per train.resume) a training run; returns the output folder. Threads and
     determinism follow cfg.runtime during the call and are put back after it."""
-    with torch_settings(cfg.runtime):  # before plan_run: the deterministic cuBLAS setting precedes CUDA work
-        plan = plan_run(cfg)
+    with torch_settings(cfg.runtime):  # before check_run: the deterministic cuBLAS setting precedes CUDA work
+        checked = check_run(cfg)
         with lower_on_oom("training", "train.batch_size", "model.image_size", "model.base_channels"):
-            return run(plan, progress=progress)
+            return run(checked, progress=progress)
 
 
 @dataclass
 class Session:
     """A run in progress: the prepared model, its step function, the data and the step count."""
 
-    step: TrainStep
-    data: Iterator[dict]
+    train_step: TrainStep
+    batches: Iterator[dict]
     steps_done: int
 
 
-def start_session(plan: RunPlan) -> Session:
+def start_session(checked: CheckedRun) -> Session:
     """Prepare model and optimizer, restore a checkpoint, and open the data at the right batch."""
-    cfg, accelerator, t = plan.cfg, plan.accelerator, plan.cfg.train
+    cfg, accelerator, t = checked.cfg, checked.accelerator, checked.cfg.train
     fmt = memory_format(cfg.runtime)
-    model = plan.model.to(memory_format=fmt)
+    model = checked.model.to(memory_format=fmt)
     optimizer = make_optimizer(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(accelerator.unwrap_model(model), t.ema_halflife_images, t.ema_rampup,
               t.images_per_step(accelerator.num_processes))
-    done, record = load_checkpoint(accelerator, plan.resume_from, ema) if plan.resume_from else (0, None)
+    done, record = load_checkpoint(accelerator, checked.resume_from, ema) if checked.resume_from else (0, None)
     note = resume_note(record, execution_record(cfg.runtime, accelerator.device))
     if note:
         accelerator.print(note)
-    batches = EpochBatches(len(plan.dataset), t.batch_size, accelerator.num_processes, accelerator.process_index,
+    batches = EpochBatches(len(checked.dataset), t.batch_size, accelerator.num_processes, accelerator.process_index,
                            t.seed, start=done * t.gradient_accumulation_steps)
     # A dedicated generator: a new loader iterator must not draw from the global RNG (dropout's).
-    loader = DataLoader(plan.dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
+    loader = DataLoader(checked.dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
                         collate_fn=collate_batch, pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator())
     step = TrainStep(accelerator, model, compile_model(model, cfg.runtime), optimizer, ema, cfg, fmt)
     return Session(step, iter(loader), done)
 
 
-def run(plan: RunPlan, *, progress: bool = True) -> Path:
-    """Claim the run folder, then train, checkpoint, sample and export as the plan says; the
+def run(checked: CheckedRun, *, progress: bool = True) -> Path:
+    """Claim the run folder, then train, checkpoint, sample and export as the config says; the
     folder's lock is let go at the end, however the run ends."""
     try:
-        return run_session(plan, progress)
+        return run_session(checked, progress)
     finally:
-        plan.release()
+        checked.release()
 
 
-def run_session(plan: RunPlan, progress: bool) -> Path:
+def run_session(checked: CheckedRun, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
-    cfg, layout, accelerator = plan.cfg, plan.layout, plan.accelerator
+    cfg, layout, accelerator = checked.cfg, checked.layout, checked.accelerator
     t = cfg.train
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        claim_output_dir(cfg, plan.listing, fresh=plan.resume_from is None)
+        claim_output_dir(cfg, checked.listing, fresh=checked.resume_from is None)
     accelerator.wait_for_everyone()
-    session = start_session(plan)
-    ema, step = session.step.ema, session.steps_done
+    session = start_session(checked)
+    train_step, step = session.train_step, session.steps_done
+    ema = train_step.ema
     effective = t.images_per_step(accelerator.num_processes)
     accelerator.print(f"effective batch {effective} = {t.batch_size} per device x {accelerator.num_processes} "
-                      f"process(es) x {t.gradient_accumulation_steps} accumulation step(s); {len(plan.dataset)} images; "
-                      + (f"resuming from {plan.resume_from}" if plan.resume_from else "starting at step 0"))
+                      f"process(es) x {t.gradient_accumulation_steps} accumulation step(s); {len(checked.dataset)} images; "
+                      + (f"resuming from {checked.resume_from}" if checked.resume_from else "starting at step 0"))
     start_trackers(accelerator, cfg, {k: str(v) for k, v in flat_config(cfg).items()})
 
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and accelerator.is_main_process),
@@ -242,7 +243,7 @@ def run_session(plan: RunPlan, progress: bool) -> Path:
     try:
         while step < t.max_steps:
             speed.start()
-            window += first_step(session, step, cfg) if step == session.steps_done else session.step(session.data, step)
+            window += first_step(session, step, cfg) if step == session.steps_done else train_step(session.batches, step)
             step += 1
             speed.stop(effective, warm=step > session.steps_done + 1)
             bar.update(1)
@@ -253,7 +254,7 @@ def run_session(plan: RunPlan, progress: bool) -> Path:
                 mean_loss = accelerator.reduce(finite_mean(window), "mean").item()
                 window.clear()
                 lr = learning_rate(cfg, step - 1)
-                skipped = session.step.guard.counts()[1]
+                skipped = train_step.guard.counts()[1]
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": speed.rate,
                                  "train/skipped_steps": skipped}, step=step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed.rate:.0f}", skipped=skipped)
@@ -292,7 +293,7 @@ def finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:
 def check_skips(session: Session, layout: RunLayout, step: int, limit: int) -> bool:
     """Whether the latest steps were skipped (a host read, on log and checkpoint steps); a
     UserError when more than `limit` were, in a row."""
-    in_a_row, _ = session.step.guard.counts()
+    in_a_row, _ = session.train_step.guard.counts()
     if in_a_row > limit:
         good = latest_checkpoint(layout.root)
         kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
@@ -305,7 +306,7 @@ def check_skips(session: Session, layout: RunLayout, step: int, limit: int) -> b
 def check_weights_finite(session: Session, layout: RunLayout, step: int) -> None:
     """Refuse to write non-finite weights: the checkpoints and the model already there stay as
     they are (a read-back, on checkpoint steps only)."""
-    tensors = [*session.step.params, *session.step.ema.state_dict().values()]
+    tensors = [*session.train_step.params, *session.train_step.ema.state_dict().values()]
     finite = torch.stack([torch.isfinite(x).all() for x in tensors if x.is_floating_point()]).all()
     if bool(finite):
         return
@@ -320,13 +321,13 @@ def first_step(session: Session, step: int, cfg: Config) -> list[torch.Tensor]:
     so it is timed apart and reported, and a compile failure becomes one sentence."""
     started = time.perf_counter()
     try:
-        losses = session.step(session.data, step)
+        losses = session.train_step(session.batches, step)
     except Exception as exc:
         failure = compile_failure(exc) if cfg.runtime.compile != "none" else None
         if failure is None:
             raise
         raise failure from None
     if cfg.runtime.compile != "none":
-        session.step.accelerator.print(f"runtime.compile={cfg.runtime.compile}: first step (compile) took "
+        session.train_step.accelerator.print(f"runtime.compile={cfg.runtime.compile}: first step (compile) took "
                                        f"{time.perf_counter() - started:.1f} s")
     return losses
