@@ -40,7 +40,7 @@ def score_checkpoints(run: Path, overrides: list[str]) -> list[dict]:
             start = time.time()
             model = build_unet(cfg.model, cfg.runtime)
             load_weights(model, folder / EMA_FILE)
-            images, labels = generate(model.eval(), every_class_once(cfg, cfg.eval.num_samples))
+            images, labels = generate(model.eval(), every_class_once(cfg, cfg.eval.num_images))
             report = evaluator.report(images, labels, made_by=f"the checkpoint {folder}")
             rows.append({"step": step, "images_seen": step * cfg.train.images_per_step(1),
                          "fd": report.samples.frechet, "floor": report.floor.frechet, "ratio": report.frechet_ratio,

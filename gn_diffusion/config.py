@@ -109,7 +109,7 @@ class TrainConfig:
     label_dropout: float = unit_interval(0.1)  # class-conditional models: fraction of labels replaced by null
     log_every: int = positive(50)  # steps between logged losses (the only host reads of the loss)
     sample_every: int = positive(1000)  # steps between sample grids in samples/
-    sample_images: int = positive(16)  # images in the grids written every sample_every steps
+    sample_num_images: int = positive(16)  # images in the grids written every sample_every steps
     checkpoint_every: int = positive(1000)  # steps between checkpoints
     keep_checkpoints: int = positive(2)  # the newest this many are kept
     max_bad_steps: int = non_negative(20)  # skipped non-finite steps in a row before the run stops
@@ -138,7 +138,7 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = setting(500, low=2)  # images generated per evaluation; the floor uses as many real ones
+    num_images: int = setting(500, low=2)  # images generated per evaluation; the floor uses as many real ones
     kid_subsets: int = setting(100, low=2)  # random subsets KID is averaged over
     kid_subset_size: int = setting(100, low=2)  # capped at the smaller of the two sets
     coverage_share: float = setting(0.25, low=0, high=1, low_open=True)  # a class is covered at >= this share of N/K
@@ -184,6 +184,9 @@ MOVED = {
     "model.kernels": "runtime.backend",
     "train.cpu": "runtime.cpu",
     "train.cpu_threads": "runtime.cpu_threads",
+    "train.sample_images": "train.sample_num_images",  # images to generate are num_images everywhere
+    "eval.num_samples": "eval.num_images",
+    "grid.reference_batch_size": "grid.base_batch_size",  # the ablation's grid; "reference" is the held-out images
 }
 
 

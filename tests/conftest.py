@@ -34,7 +34,7 @@ ROOT = TESTS.parent
 TINY = [
     "model.image_size=8", "model.base_channels=16", "model.groups=8", "model.channel_mult=[1]",
     "model.num_res_blocks=1", "model.attention_resolutions=[]", "diffusion.num_train_timesteps=100",
-    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_images=4",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_num_images=4",
     "sample.num_images=4", "sample.num_inference_steps=3",
 ]
 
@@ -121,8 +121,8 @@ TINY_SWEEP = {
         "sample": {"num_inference_steps": 2, "num_images": 4},
         "runtime": {"cpu_threads": 1},
     },
-    "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "reference_batch_size": 4},
-    "eval": {"num_samples": 20, "kid_subsets": 5},
+    "grid": {"norms": ["group", "batch"], "batch_sizes": [2, 4], "images_seen": 16, "base_batch_size": 4},
+    "eval": {"num_images": 20, "kid_subsets": 5},
     "loss_triples": 32,
 }
 

@@ -34,7 +34,7 @@ def test_every_cell_sees_the_same_images_with_schedules_kept_in_images(tiny_swee
 
 @pytest.mark.parametrize("override", [
     "grid.norms=[group,nonsense]", "grid.batch_sizes=[2,2]", "grid.images_seen=30", "grid.lr_scaling=cubic",
-    "base.data.dataset=image_folder", "grid.bogus=1", "eval.num_samples=1",
+    "base.data.dataset=image_folder", "grid.bogus=1", "eval.num_images=1",
     "base.runtime.cpu_threads=-1", "grid.batch_sizes=[]", "grid.norms=[]", "grid.images_seen=nan",
     "base.model.groups=3", "eval.extractor=nocolon", "loss_triples=0",
     "grid.seeds=[]", "grid.seeds=[1,1]",
@@ -60,6 +60,14 @@ def test_the_old_threads_key_is_read_as_base_runtime_cpu_threads(tmp_path, capsy
     assert load_ablation_config(path, ["base.runtime.cpu_threads=3"]).base.runtime.cpu_threads == 3  # the new key wins
     with pytest.raises(ConfigError, match="base.runtime.cpu_threads"):
         load_ablation_config(path, ["threads=-1"])
+
+
+def test_the_old_reference_batch_size_is_read_as_base_batch_size(tmp_path, capsys):
+    grid = {k: v for k, v in TINY_SWEEP["grid"].items() if k != "base_batch_size"}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({**TINY_SWEEP, "grid": {**grid, "reference_batch_size": 2}}))
+    assert load_ablation_config(path).grid.base_batch_size == 2
+    assert "note: grid.reference_batch_size is now grid.base_batch_size" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_config_in_one_line(tmp_path, capsys):

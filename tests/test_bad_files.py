@@ -47,7 +47,7 @@ def test_evaluate_refuses_a_model_with_a_nan_weight_by_name(run_dir, capsys):
     weights = set_weights(run_dir, "conv_out.weight", math.nan)
     set_weights(run_dir, "time_embed.0.bias", -math.inf)  # the first of two is named, the other counted
     message = nan_message(weights, others=" and 1 other tensor(s)")
-    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.num_samples=4"], message, run_dir)
+    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.num_images=4"], message, run_dir)
     assert not (run_dir / "evaluation.json").exists()
 
 
@@ -62,7 +62,7 @@ def test_a_finite_model_whose_samples_overflow_is_blamed_not_the_extractor(run_d
     set_weights(run_dir, "conv_out.weight", 3e38)  # finite, but every output overflows
     message = (f"the model {run_dir / 'model'} generated 4 of 4 images with NaN or infinite pixels, which cannot be "
                "scored (the model is at fault, not the feature extractor")
-    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.num_samples=4", "eval.kid_subsets=2"],
+    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.num_images=4", "eval.kid_subsets=2"],
                          message, run_dir)
 
 

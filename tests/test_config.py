@@ -99,7 +99,7 @@ def test_unknown_norm_kind_lists_the_choices():
     ("sample.guidance_scale=.inf", "'sample.guidance_scale' must be a finite number"),
     ("runtime.backend=cuda", "'runtime.backend' is 'cuda'; choose one of auto, triton, torch"),
     ("runtime.compile=fast", "choose one of none, default, max-autotune, reduce-overhead"),
-    ("eval.num_samples=1", "'eval.num_samples' must be at least 2"),
+    ("eval.num_images=1", "'eval.num_images' must be at least 2"),
     ("sample.guidance_scale=3", "the model is unconditional"),
 ])
 def test_bad_values_get_one_clear_sentence(override, needle):
@@ -159,6 +159,15 @@ def test_moved_keys_are_read_with_a_note_naming_the_new_key(tmp_path, capsys):
     assert load_config(None, ["train.cpu_threads=2"]).runtime.cpu_threads == 2
     assert "train.cpu_threads is now runtime.cpu_threads" in capsys.readouterr().err
     assert load_config(old, ["runtime.backend=auto"]).runtime.backend == "auto"  # the new key wins
+
+
+def test_the_old_image_count_names_are_read_as_num_images(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  sample_images: 9\neval:\n  num_samples: 7\n")
+    cfg = load_config(old)
+    assert (cfg.train.sample_num_images, cfg.eval.num_images) == (9, 7)
+    assert "note: eval.num_samples is now eval.num_images" in capsys.readouterr().err
+    assert load_config(None, ["eval.num_samples=5"]).eval.num_images == 5
 
 
 def test_runtime_settings_are_their_own_section():

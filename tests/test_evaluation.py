@@ -145,8 +145,8 @@ def test_a_plain_callable_plugs_in_as_the_feature_extractor(train_split):
 
 def test_eval_overrides_are_typed_and_checked():
     trained = Config(runtime=RuntimeConfig(backend="triton", cpu_threads=4))
-    cfg = evaluation_config(trained, ["eval.num_samples=64", "sample.seed=3", "runtime.cpu=true"])
-    assert cfg.eval.num_samples == 64 and cfg.sample.seed == 3 and cfg.model == trained.model
+    cfg = evaluation_config(trained, ["eval.num_images=64", "sample.seed=3", "runtime.cpu=true"])
+    assert cfg.eval.num_images == 64 and cfg.sample.seed == 3 and cfg.model == trained.model
     # The run's runtime said how it ran where it trained; here the defaults and the overrides apply.
     assert cfg.runtime == RuntimeConfig(cpu=True)
     for bad in (["model.norm=batch"], ["eval.num_sample=3"], ["eval.coverage_share=2"], ["eval.extractor=nocolon"],
@@ -190,7 +190,7 @@ def pixel_features(tmp_path, monkeypatch):
 def test_evaluate_command_scores_an_exported_model_beside_its_floor(exported_run, cache, capsys):
     from gn_diffusion.evaluate.command import main
 
-    main([str(exported_run), "eval.num_samples=40", "eval.kid_subsets=5", f"eval.cache_dir={cache}",
+    main([str(exported_run), "eval.num_images=40", "eval.kid_subsets=5", f"eval.cache_dir={cache}",
           "sample.num_inference_steps=2"])
     printed = capsys.readouterr().out
     saved = json.loads((exported_run / "evaluation.json").read_text())
@@ -204,7 +204,7 @@ def test_a_run_trained_with_triton_kernels_evaluates_on_the_cpu(tmp_path, pixel_
     from gn_diffusion.evaluate.command import main
 
     run = export_untrained(tmp_path / "run", ["runtime.backend=triton"])
-    main([str(run), f"eval.extractor={pixel_features}", "eval.num_samples=8", "eval.kid_subsets=2",
+    main([str(run), f"eval.extractor={pixel_features}", "eval.num_images=8", "eval.kid_subsets=2",
           "sample.num_inference_steps=1", "runtime.cpu_threads=1"])
     assert json.loads((run / "evaluation.json").read_text())["samples"]["num_images"] == 8
 
@@ -212,7 +212,7 @@ def test_a_run_trained_with_triton_kernels_evaluates_on_the_cpu(tmp_path, pixel_
 def test_evaluate_command_takes_a_plugged_extractor(exported_run, pixel_features, capsys):
     from gn_diffusion.evaluate.command import main
 
-    main([str(exported_run), f"eval.extractor={pixel_features}", "eval.num_samples=20", "eval.kid_subsets=5",
+    main([str(exported_run), f"eval.extractor={pixel_features}", "eval.num_images=20", "eval.kid_subsets=5",
           "sample.num_inference_steps=2"])
     printed = capsys.readouterr().out
     assert f"features: {pixel_features}" in printed and "class coverage" not in printed
@@ -233,9 +233,9 @@ def test_evaluate_command_scores_an_image_folder_model_against_held_out_images(t
             Image.fromarray(array).save(tmp_path / folder / f"{i}.png")
     run = export_untrained(tmp_path / "run", ["data.dataset=image_folder", f"data.path={tmp_path / 'train'}"])
     with pytest.raises(UserError, match="eval.reference_dir"):  # the digits classifier does not apply
-        main([str(run), "eval.num_samples=20"])
+        main([str(run), "eval.num_images=20"])
     main([str(run), f"eval.extractor={pixel_features}", f"eval.reference_dir={tmp_path / 'held_out'}",
-          "eval.num_samples=20", "eval.kid_subsets=5", "sample.num_inference_steps=2"])
+          "eval.num_images=20", "eval.kid_subsets=5", "sample.num_inference_steps=2"])
     saved = json.loads((run / "evaluation.json").read_text())
     assert saved["floor"]["num_images"] == 20 and saved["samples"]["frechet"] > saved["floor"]["frechet"]
 

@@ -55,7 +55,7 @@ def test_too_many_skips_in_a_row_stop_the_run_with_the_good_checkpoints_and_mode
     out = tmp_path / "out"
     args = ["model.image_size=8", "model.base_channels=16", "model.groups=8", "model.channel_mult=[1]",
             "model.num_res_blocks=1", "model.attention_resolutions=[]", "diffusion.num_train_timesteps=100",
-            "train.batch_size=8", "train.warmup_steps=2", "train.sample_images=4", "sample.num_images=4",
+            "train.batch_size=8", "train.warmup_steps=2", "train.sample_num_images=4", "sample.num_images=4",
             "sample.num_inference_steps=3", f"train.output_dir={out}", "train.checkpoint_every=2"]
     run_cli(script_main("train.py"), [*args, "train.max_steps=2", "train.log_every=1"])
     capsys.readouterr()

@@ -129,7 +129,7 @@ def test_offline_without_weights_is_one_sentence(run_dir, tmp_path, capsys, monk
 
     monkeypatch.setattr(library(), "load_state_dict_from_url", offline)
     monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("sampled before the extractor was built"))
-    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.extractor=inception", "eval.num_samples=4"],
+    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), "eval.extractor=inception", "eval.num_images=4"],
                          "cannot be downloaded here ([Errno -2] Name or service not known)", tmp_path)
 
 

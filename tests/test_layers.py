@@ -1,7 +1,9 @@
 """The package's folders are its layers, and imports only go down: every import in every module
-(function-level ones too) names its own folder or a lower layer, never a neighbour's."""
+(function-level ones too) names its own folder or a lower layer, never a neighbour's. README's Layout table lists
+exactly the modules there are.
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -80,3 +82,25 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "model" / "unet.py").write_text("from ..config import f\n")  # downward: allowed
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert layer_violations() == ["gn_diffusion/config.py:2 (<bottom>) imports gn_diffusion.model.unet (model)"]
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """Folder ('<bottom>' for the top level) -> the modules README's Layout table lists in it."""
+    section = (PACKAGE.parent / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed: dict[str, set[str]] = {}
+    for row in (line for line in section.splitlines() if line.startswith("|")):
+        modules = re.sub(r"\([^)]*\)", "", row.split("|")[2])  # asides such as "(`check_run`, then the loop)"
+        for folder, names in re.findall(r"`(\w+)/`: ((?:`\w+`[ ,]*)+)", modules):
+            listed[folder] = set(re.findall(r"`(\w+)`", names))
+        if row.split("|")[1].strip() == "bottom":
+            listed["<bottom>"] = set(re.findall(r"`(\w+)\.py`", modules))
+    return listed
+
+
+def test_readme_layout_table_lists_every_module_and_no_other():
+    tree: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if not path.name.startswith("__"):
+            folder = path.parent.name if path.parent != PACKAGE else "<bottom>"
+            tree.setdefault(folder, set()).add(path.stem)
+    assert readme_layout() == tree

@@ -59,8 +59,8 @@ def ablation_config(tmp_path, output_dir):
     raw = {"output_dir": str(output_dir),
            "base": {"model": {"image_size": 8, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
                               "attention_resolutions": [], "groups": 4}},
-           "grid": {"norms": ["group"], "batch_sizes": [2], "images_seen": 4, "reference_batch_size": 2},
-           "eval": {"num_samples": 4, "kid_subsets": 2}, "loss_triples": 4}
+           "grid": {"norms": ["group"], "batch_sizes": [2], "images_seen": 4, "base_batch_size": 2},
+           "eval": {"num_images": 4, "kid_subsets": 2}, "loss_triples": 4}
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -71,7 +71,7 @@ def command(name, run_dir, tmp_path):
     return {
         "train": ("train.py", [*TINY, f"train.output_dir={tmp_path / 'new'}", "train.max_steps=1"]),
         "sample": ("sample.py", [str(run_dir)]),
-        "evaluate": (evaluate.main, [str(run_dir), "eval.num_samples=4"]),
+        "evaluate": (evaluate.main, [str(run_dir), "eval.num_images=4"]),
         "ablate": (ablate.main, [ablation_config(tmp_path, tmp_path / "sweep")]),
     }[name]
 
@@ -264,5 +264,5 @@ def test_a_broken_extractor_is_one_sentence(run_dir, tmp_path, capsys, monkeypat
     (tmp_path / "broken_syntax.py").write_text("def make(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec, message = EXTRACTORS[case]
-    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), f"eval.extractor={spec}", "eval.num_samples=4"],
+    assert_fails_cleanly(capsys, evaluate.main, [str(run_dir), f"eval.extractor={spec}", "eval.num_images=4"],
                          message, tmp_path)

@@ -124,8 +124,8 @@ def test_too_many_images_are_refused_before_any_work(run_dir, tmp_path, capsys):
     # Counts whose allocation, were the check missing, would fail at once rather than fill the memory.
     assert_fails_cleanly(capsys, "sample.py", [str(run_dir), f"sample.num_images={10**13}"],
                          f"'sample.num_images' is {10**13}: {10**13} images of 1x8x8 need at least", run_dir)
-    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", f"train.sample_images={10**13}"),
-                         f"'train.sample_images' is {10**13}:", tmp_path)
+    assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", f"train.sample_num_images={10**13}"),
+                         f"'train.sample_num_images' is {10**13}:", tmp_path)
     assert_fails_cleanly(capsys, "train.py", train_args(tmp_path / "out", f"sample.num_images={10**13}"),
                          f"'sample.num_images' is {10**13}:", tmp_path)  # the final grid's
     assert not (tmp_path / "out").exists() and not (run_dir / "generated").exists()

@@ -7,7 +7,7 @@ usage: python -m gn_diffusion.ablation CONFIG.yaml [key=value ...] [--report-onl
 CONFIG.yaml (e.g. configs/ablation_norms.yaml) has the sections output_dir, base (a training
 config: model, diffusion, data, train, sample; base.runtime says how the cells run here, e.g.
 base.runtime.cpu_threads=1), grid (norms, groups, channels_per_group, batch_sizes, seeds,
-images_seen, reference_batch_size, lr_scaling), eval (num_samples, ...: every cell's evaluation) and
+images_seen, base_batch_size, lr_scaling), eval (num_images, ...: every cell's evaluation) and
 loss_triples; overrides such as grid.batch_sizes=[2,32] or output_dir=runs/mine change them.
 The run folder gets results.csv (every cell, with the git commit that made it), results.md,
 summary.csv (mean and std over seeds) and results.png; run the same command again to resume an

@@ -34,8 +34,8 @@ class GridConfig:
     norms: list[str] = field(default_factory=lambda: ["group", "batch", "layer", "instance", "none"])
     batch_sizes: list[int] = setting(factory=lambda: [2, 4, 8, 16, 32], low=1)  # per device
     images_seen: int = positive(32000)  # training images per cell: max_steps = images_seen / images per step
-    reference_batch_size: int = positive(32)  # base.train's lr and warm-up are meant at this batch
-    lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / reference)^p, p = 0, 1/2 or 1
+    base_batch_size: int = positive(32)  # base.train's lr and warm-up are meant at this batch
+    lr_scaling: LrScaling = "none"  # the lr at batch B is lr x (B / base_batch_size)^p, p = 0, 1/2 or 1
     seeds: Optional[list[int]] = setting(None, low=0, high=SEED_MAX)  # training seeds; None: base.train.seed alone
     # Group norm's grouping as an axis (the paper's Table 3): one group-norm row per entry of
     # either list; None for both: base.model's grouping. Norms without groups get one row.
@@ -211,7 +211,7 @@ def cell_config(ab: AblationConfig, cell: Cell, processes: int) -> Config:
             f"'grid.images_seen' {ab.grid.images_seen} is not a multiple of the {per_step} images per step "
             f"of batch size {cell.batch_size}; use a multiple of every batch size x accumulation x processes."
         )
-    ratio = per_step / ab.grid.reference_batch_size
+    ratio = per_step / ab.grid.base_batch_size
     train = dataclasses.replace(
         train,
         max_steps=ab.grid.images_seen // per_step,

@@ -116,7 +116,7 @@ def _preamble(rows: list[CellResult], ab: AblationConfig) -> list[str]:
         "",
         f"Digits at {m.image_size}x{m.image_size}, base_channels {m.base_channels}, "
         f"channel_mult {m.channel_mult}, {grouping(m, ab)}; {ab.grid.images_seen} training images "
-        f"per cell, {seed_text}; {ab.eval.num_samples} samples "
+        f"per cell, {seed_text}; {ab.eval.num_images} samples "
         f"({base.sample.scheduler}, {base.sample.num_inference_steps} steps) per cell.",
         "",
         _floor_line(rows),

@@ -116,7 +116,7 @@ def run_ablation(ab: AblationConfig, *, progress: bool = True, command: Optional
 
 def prepare_sweep(ab: AblationConfig, command: Optional[str] = None) -> Sweep:
     evaluator = evaluator_for(dataclasses.replace(ab.base, eval=ab.eval))
-    floor = evaluator.floor(ab.eval.num_samples, conditional=bool(ab.base.model.num_classes))
+    floor = evaluator.floor(ab.eval.num_images, conditional=bool(ab.base.model.num_classes))
     triples = held_out_triples(ab.base, ab.loss_triples, ab.eval.seed)
     return Sweep(ab, evaluator, floor, triples, command, code_commit())
 
@@ -212,7 +212,7 @@ def train_and_score(sweep: Sweep, cell: Cell, processes: int, progress: bool) ->
     started = time.perf_counter()
     train(cfg, progress=progress and not sweep.ab.quiet_training)
     trained = time.perf_counter()
-    result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_samples)
+    result = score_cell(cfg, sweep.evaluator, sweep.triples, sweep.ab.eval.num_images)
     return dataclasses.replace(result, train_seconds=round(trained - started, 1),
                                eval_seconds=round(time.perf_counter() - trained, 1), commit=sweep.commit,
                                groups=cell.groups, channels_per_group=cell.channels_per_group, processes=processes)

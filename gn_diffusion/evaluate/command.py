@@ -9,7 +9,7 @@ RUN_DIR/evaluation.json. Digits models are scored against the held-out digits wi
 digits classifier's features (trained in seconds, cached). The run's own eval, sample and
 runtime settings apply, except that runtime.* starts from the defaults here (a run trained
 with Triton kernels evaluates on a CPU). Keys:
-  eval.num_samples=500         images to generate
+  eval.num_images=500         images to generate
   eval.kid_subsets=100  eval.kid_subset_size=100  eval.coverage_share=0.25  eval.seed=0
   eval.cache_dir=PATH          classifier cache ($GN_DIFFUSION_CACHE or ~/.cache/gn_diffusion)
   eval.extractor=MODULE:FACTORY  your own features: FACTORY(image_size=, in_channels=) returns a
@@ -75,12 +75,12 @@ def main(argv: list[str]) -> None:
     # settings work, the model loads and the extractor is built and scores the reference.
     refuse_writing_into(RunLayout(run_dir).evaluation, "wait for it to end, then evaluate it")
     check_report_target(RunLayout(run_dir).evaluation)
-    check_sampling(cfg, "eval.num_samples")  # evaluate makes eval.num_samples images, not sample.num_images
+    check_sampling(cfg, "eval.num_images")  # evaluate makes eval.num_images images, not sample.num_images
     model, _ = load_model(folder, use_ema=cfg.sample.use_ema, runtime=cfg.runtime)
     accelerator = Accelerator(cpu=cfg.runtime.cpu)
     with cpu_threads(cfg.runtime.cpu_threads):
         evaluator = evaluator_for(cfg)
-        images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_samples),
+        images, labels = generate(model.to(accelerator.device), every_class_once(cfg, cfg.eval.num_images),
                                   accelerator=accelerator)
         report = evaluator.report(images, labels, made_by=f"the model {folder}")
     if accelerator.is_main_process:

@@ -1,6 +1,6 @@
 """FID features as papers compute them: Inception-v3 pool3 (2048-d) through torch-fidelity.
 
-`eval.extractor=inception` scores samples on the features of the reference TensorFlow FID
+`eval.extractor=inception` scores samples on the features of the original TensorFlow FID
 (TTUR's fid.py): torch-fidelity's port of that graph, with its TF1-exact bilinear resize to
 299 x 299 and (x - 128) / 128 inside the network. Our side only turns images in [-1, 1] into
 what that graph was fed: uint8 RGB at their own size, quantized as the PNGs `sample` writes

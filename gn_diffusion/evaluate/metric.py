@@ -137,7 +137,7 @@ class Evaluator:
     def score(self, images: torch.Tensor, requested: Optional[torch.Tensor] = None) -> Scores:
         """Scores of `images`; `requested` [N] holds each image's asked-for class (-1: none)."""
         if len(images) < 2:
-            raise UserError(f"got {len(images)} image(s) to evaluate; generate at least 2 (eval.num_samples).")
+            raise UserError(f"got {len(images)} image(s) to evaluate; generate at least 2 (eval.num_images).")
         s = self.settings
         features = self._features(images)
         kid, kid_std = kernel_inception_distance(features, self.reference_features, subsets=s.kid_subsets,

@@ -24,7 +24,7 @@ def images_bytes(cfg: Config, num_images: int) -> int:
 
 def check_images_fit(cfg: Config, images_key: str) -> None:
     """A ConfigError when the images that `images_key` (the key holding the number of images to
-    generate: sample.num_images, train.sample_images or eval.num_samples) asks for cannot fit in the
+    generate: sample.num_images, train.sample_num_images or eval.num_images) asks for cannot fit in the
     memory available now: refused before any work, not after it."""
     import psutil
 

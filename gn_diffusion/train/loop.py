@@ -156,7 +156,7 @@ def check_run(cfg: Config) -> CheckedRun:
         dataset = build_dataset(cfg)
     batches_per_epoch(len(dataset), cfg.train.batch_size, accelerator.num_processes)
     check_sampling(cfg)  # the grids' settings: a bad step count fails now, not after training
-    check_images_fit(cfg, "train.sample_images")  # the grids made every train.sample_every steps
+    check_images_fit(cfg, "train.sample_num_images")  # the grids made every train.sample_every steps
     check_writable(cfg.train.output_dir)
     listing = dataset.listing()
     lock = hold_output_dir(Path(cfg.train.output_dir), accelerator)
@@ -266,7 +266,7 @@ def run_session(checked: CheckedRun, progress: bool) -> Path:
                 save_checkpoint(accelerator, layout.root, step, ema, t.keep_checkpoints,
                                 execution_record(cfg.runtime, accelerator.device))
             if step % t.sample_every == 0 and step != t.max_steps and accelerator.is_main_process:
-                log_grid(accelerator, save_training_grid(ema, cfg, layout.grid(step), t.sample_images), step)
+                log_grid(accelerator, save_training_grid(ema, cfg, layout.grid(step), t.sample_num_images), step)
     finally:
         bar.close()  # an error line starts on a line of its own
 
