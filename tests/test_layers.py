@@ -1,6 +1,6 @@
 """The package's folders are its layers, and imports only go down: every import in every module
 (function-level ones too) names its own folder or a lower layer, never a neighbour's. README's
-Layout table lists exactly the modules there are.
+Layout table lists exactly the modules there are."""
 
 import ast
 import re

@@ -106,3 +106,24 @@ def checkpoint_step(path: Path) -> int | None:
     that RunLayout.checkpoint does not write, which checkpoint.scan_checkpoints sets apart)."""
     match = _STEP_DIR.fullmatch(path.name)
     return int(match.group(1)) if match else None
+
+
+def model_weights(folder: Path) -> Path | None:
+    """The U-Net weights file of an exported model folder (pipeline layout, then the older flat
+    one), or None when there is neither."""
+    for weights in (folder / UNET_DIR / WEIGHTS_FILE, folder / WEIGHTS_FILE):
+        if weights.is_file():
+            return weights
+    return None
+
+
+def model_folder_of(path: Path) -> Path | None:
+    """The exported model folder that `path` names, a run's output folder (its model/) or a model
+    folder itself, for sampling, evaluation and train.init_from alike; None where it names
+    neither. A run's own config.yaml sits beside no weights, which tells the two apart."""
+    exported = RunLayout(path).model
+    if (exported / CONFIG_FILE).is_file():
+        return exported
+    if (path / CONFIG_FILE).is_file() and model_weights(path) is not None:
+        return path
+    return None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layout import CHECKPOINT_MODEL_FILE, STATE_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
+from .layout import CHECKPOINT_MODEL_FILE, STATE_FILE, UNET_DIR, WEIGHTS_FILE, model_folder_of, model_weights
 
 _MAX_HEADER = 100 * 2**20
 
@@ -81,15 +81,6 @@ def check_weights_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
                         "diverged or the file is damaged: use another model or checkpoint, or retrain it.")
 
 
-def model_weights(folder: Path) -> Path | None:
-    """The U-Net weights file of an exported model folder (pipeline layout, then the older flat
-    one), or None when there is neither."""
-    for weights in (folder / UNET_DIR / WEIGHTS_FILE, folder / WEIGHTS_FILE):
-        if weights.is_file():
-            return weights
-    return None
-
-
 def exported_weights(folder: Path) -> Path:
     """model_weights, or a UserError naming what an exported model folder holds."""
     weights = model_weights(folder)
@@ -106,8 +97,11 @@ def init_weights_from(model: nn.Module, path: str | Path) -> Path:
     this architecture and finite first, and never unpickled. Returns the file read."""
     path = Path(path)
     checkpoint = path / CHECKPOINT_MODEL_FILE
-    weights = (checkpoint if checkpoint.is_file() and (path / STATE_FILE).is_file()
-               else model_weights(path) or model_weights(RunLayout(path).model))
+    if checkpoint.is_file() and (path / STATE_FILE).is_file():
+        weights = checkpoint
+    else:
+        exported = model_folder_of(path)
+        weights = model_weights(exported) if exported is not None else None
     if weights is None:
         raise UserError(f"train.init_from={path} is not an exported model ({UNET_DIR}/{WEIGHTS_FILE} or "
                         f"{WEIGHTS_FILE}), a run folder holding one, or a training checkpoint "

@@ -22,8 +22,8 @@ from ..errors import UserError
 from ..files import atomic_folder, lock_holder, restore_swapped
 from ..model.unet import GNUNet, build_unet
 from ..run_folder.checkpoint import latest_checkpoint
-from ..run_folder.layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout
-from ..run_folder.weights import exported_weights, load_weights, model_weights
+from ..run_folder.layout import CHECKPOINT_MODEL_FILE, CONFIG_FILE, UNET_DIR, WEIGHTS_FILE, RunLayout, model_folder_of
+from ..run_folder.weights import exported_weights, load_weights
 from .pipeline import pipeline_for
 
 
@@ -38,10 +38,9 @@ def model_dir(path: str | Path) -> Path:
         if not path.exists():
             restore_swapped(path)  # a model folder named directly
         restore_swapped(run.model)
-    if (run.model / CONFIG_FILE).is_file():
-        return run.model
-    if (path / CONFIG_FILE).is_file() and model_weights(path) is not None:
-        return path
+    found = model_folder_of(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a training run's output folder or its model/ folder.")
     raise UserError(f"{path} holds no exported model ({CONFIG_FILE} and {UNET_DIR}/{WEIGHTS_FILE}, or {WEIGHTS_FILE} "
