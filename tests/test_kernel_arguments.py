@@ -1,5 +1,5 @@
 """group_norm_silu's arguments as F.group_norm takes them: torch's own OpInfo and ModuleInfo
-samples for group_norm (act=None) on both backends, the Triton one interpreted, against F.group_norm
+samples for group_norm (act=False) on both backends, the Triton one interpreted, against F.group_norm
 in float64; what torch refuses we refuse; empty inputs give what torch gives; and whoever calls
 the kernels (a layer too), they never index a tensor out of its bounds.
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gn_diffusion.kernels import ArgumentError, group_norm_silu, triton_impl
+from gn_diffusion.kernels import ArgumentError, group_norm_silu, group_norm_silu_reference, triton_impl
 from gn_diffusion.kernels.ops import group_norm_silu_op
 from gn_diffusion.model.norms import GroupNorm32
 # Fixtures of test_kernels: Triton's interpreter and NaN in every fresh kernel output (autouse);
@@ -109,7 +109,7 @@ def check_sample(name, dtype, sample, backend):
     groups, eps = sample.args[0], sample.kwargs.get("eps", 1e-5)
     weight, bias = sample.kwargs.get("weight"), sample.kwargs.get("bias")
     check_against_float64(
-        lambda x, w, b: group_norm_silu(x, w, b, groups, eps, act=None, backend=backend),
+        lambda x, w, b: group_norm_silu(x, w, b, groups, eps, act=False, backend=backend),
         lambda x, w, b: F.group_norm(x, groups, w, b, eps), sample.input, (weight, bias),
         tolerance(dtype, backend), f"{name}, {groups} groups")
 
@@ -135,7 +135,7 @@ def test_torch_error_inputs_are_refused_as_torch_refuses_them(backend):
         with pytest.raises(error.error_type, match=error.error_regex):
             F.group_norm(sample.input, *sample.args, **sample.kwargs)
         with pytest.raises(error.error_type, match=error.error_regex):
-            group_norm_silu(sample.input, None, None, *sample.args, act=None, backend=backend)
+            group_norm_silu(sample.input, None, None, *sample.args, act=False, backend=backend)
 
 
 def test_torch_module_inputs_through_the_function_and_the_layer(device):
@@ -170,7 +170,7 @@ def check_module_sample(args, kwargs, x, backend, what, through_the_function=Tru
     if not through_the_function:
         return
     check_against_float64(
-        lambda x, w, b: group_norm_silu(x, w, b, module.num_groups, module.eps, act=None, backend=backend),
+        lambda x, w, b: group_norm_silu(x, w, b, module.num_groups, module.eps, act=False, backend=backend),
         lambda x, w, b: F.group_norm(x, module.num_groups, w, b, module.eps), x,
         [None if p is None else p.detach().to(x.dtype).requires_grad_() for p in (module.weight, module.bias)],
         tol, f"function, {what}")
@@ -219,10 +219,22 @@ def test_mismatched_parameters_are_refused_with_a_sentence_naming_them(backend):
             GroupNorm32(groups, 6, backend=backend)
     with pytest.raises(TypeError, match="num_groups must be an int"):
         group_norm_silu(x, None, None, 2.0, backend=backend)
-    with pytest.raises(ArgumentError, match="act must be"):
-        group_norm_silu(x, None, None, 2, act="relu", backend=backend)
     with pytest.raises(ArgumentError, match="floating-point"):
         group_norm_silu(x.to(torch.int64), None, None, 2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_act_is_a_bool_and_the_old_spellings_are_refused(backend):
+    """The old spellings ("silu", None), and anything else that is not a bool, are refused with a
+    sentence saying what act is: a truthiness test would take act="none" for the SiLU."""
+    x = torch.randn(2, 6, 4)
+    for act in ("silu", None, "none", 1, torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"act must be a bool \(True: SiLU, False: no activation\), got"):
+            group_norm_silu(x, None, None, 2, act=act, backend=backend)
+    with pytest.raises(TypeError, match="act must be a bool.*got str 'silu'"):
+        group_norm_silu_reference(x, None, None, 2, act="silu")
+    assert torch.equal(group_norm_silu(x, None, None, 2, backend=backend),
+                       group_norm_silu(x, None, None, 2, act=True, backend=backend))
 
 
 def test_a_layer_never_lets_the_kernels_read_out_of_bounds():
@@ -244,11 +256,11 @@ def test_a_layer_never_lets_the_kernels_read_out_of_bounds():
 EMPTY = [((0, 2), 1), ((0, 6, 4, 4), 3), ((2, 6, 0), 2), ((2, 0, 4), 1), ((2, 6, 0, 3), 3), ((0, 0), 1)]
 
 
-def composite(x, weight, bias, scale, shift, groups, silu=True):
+def composite(x, weight, bias, scale, shift, groups, act=True):
     """What group_norm_silu stands for: F.group_norm, then the scale, shift and SiLU."""
     per_channel = x.shape[:2] + (1,) * (x.dim() - 2)
     h = F.group_norm(x, groups, weight, bias, 1e-5) * (1 + scale.reshape(per_channel)) + shift.reshape(per_channel)
-    return F.silu(h) if silu else h
+    return F.silu(h) if act else h
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -260,7 +272,7 @@ def test_empty_inputs_give_what_torch_gives(backend, shape, groups):
     check_against_float64(
         lambda x, w, b, s, t: group_norm_silu(x, w, b, groups, scale=s, shift=t, backend=backend),
         lambda x, w, b, s, t: composite(x, w, b, s, t, groups), x, params, 0.0, f"x {shape}")
-    y = group_norm_silu(x, params[0], params[1], groups, act=None, backend=backend)
+    y = group_norm_silu(x, params[0], params[1], groups, act=False, backend=backend)
     assert torch.equal(y, F.group_norm(x, groups, params[0], params[1]))
 
 
@@ -285,12 +297,12 @@ def test_non_contiguous_parameters_and_odd_sizes_match_float64(device):
             lambda x, w, b, s, t: oracle(x, w, b, 3, 1e-5, s, t, True), x, (weight, bias, scale, shift),
             tolerance(torch.float32, backend), f"{backend}: hostile")
         stride_0 = torch.full((1,), 1.5, device=device).expand(6)
-        y = group_norm_silu(x, stride_0, None, 3, act=None, backend=backend)
+        y = group_norm_silu(x, stride_0, None, 3, act=False, backend=backend)
         assert_close(y, F.group_norm(x.double(), 3, stride_0.double()), 1e-5, f"{backend}: stride-0 weight")
 
 
-@pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_act"])
-def test_the_reference_backward_matches_float64_for_every_set_of_parameters(silu):
+@pytest.mark.parametrize("act", [True, False], ids=["silu", "no_act"])
+def test_the_reference_backward_matches_float64_for_every_set_of_parameters(act):
     """The custom op's closed-form reference backward (what torch.compile runs off the Triton
     path), with each of weight, bias, scale and shift present or absent, against the oracle."""
     x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
@@ -298,8 +310,8 @@ def test_the_reference_backward_matches_float64_for_every_set_of_parameters(silu
     for kept in itertools.product((True, False), repeat=4):
         params = [t.detach().clone().requires_grad_() if keep else None for t, keep in zip(full, kept)]
         check_against_float64(
-            lambda x, *p: group_norm_silu_op(x, *p, 3, 1e-5, silu, False)[0],
-            lambda x, *p: oracle(x, *p[:2], 3, 1e-5, *p[2:], silu), x, params, 1e-5, f"present: {kept}")
+            lambda x, *p: group_norm_silu_op(x, *p, 3, 1e-5, act, False)[0],
+            lambda x, *p: oracle(x, *p[:2], 3, 1e-5, *p[2:], act), x, params, 1e-5, f"present: {kept}")
 
 
 @pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpreted"])

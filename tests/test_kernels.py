@@ -57,7 +57,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def oracle(x, weight, bias, groups, eps, scale, shift, silu):
+def oracle(x, weight, bias, groups, eps, scale, shift, act):
     """float64 GN + AdaGN + SiLU written out with plain ops."""
     n, c = x.shape[:2]
     h = x.reshape(n, groups, -1)
@@ -69,7 +69,7 @@ def oracle(x, weight, bias, groups, eps, scale, shift, silu):
     h = h if bias is None else h + per_channel(bias)
     h = h if scale is None else h * (1 + per_channel(scale))
     h = h if shift is None else h + per_channel(shift)
-    return h * torch.sigmoid(h) if silu else h
+    return h * torch.sigmoid(h) if act else h
 
 
 def make_inputs(shape, groups, dtype=torch.float32, *, loc=0.0, spread=1.0, affine=True, adagn=True,
@@ -91,41 +91,41 @@ def make_inputs(shape, groups, dtype=torch.float32, *, loc=0.0, spread=1.0, affi
     return x, params, dy, groups
 
 
-def oracle_outputs(x, params, dy, groups, eps, silu):
+def oracle_outputs(x, params, dy, groups, eps, act):
     leaves = {k: None if v is None else v.detach().double().cpu().requires_grad_() for k, v in params.items()}
     x64 = x.detach().double().cpu().requires_grad_()
-    y = oracle(x64, *(leaves[k] for k in ("weight", "bias")), groups, eps, leaves["scale"], leaves["shift"], silu)
+    y = oracle(x64, *(leaves[k] for k in ("weight", "bias")), groups, eps, leaves["scale"], leaves["shift"], act)
     wanted = [x64] + [v for v in leaves.values() if v is not None]
     return y.detach(), torch.autograd.grad(y, wanted, dy.double().cpu())
 
 
-def through_autograd(path, x, params, dy, groups, eps=1e-5, silu=True):
+def through_autograd(path, x, params, dy, groups, eps=1e-5, act=True):
     """By autograd through `path`, "function" (the eager autograd.Function) or "custom_op" (what
     torch.compile traces): y, the gradients of x and of every present parameter, mean and rstd."""
     xg = x.detach().clone().requires_grad_()
     leaves = [None if params[k] is None else params[k].detach().clone().requires_grad_() for k in PARAMS]
     if path == "function":
-        y = GroupNormSiLUFunction.apply(xg, *leaves, groups, eps, silu)
+        y = GroupNormSiLUFunction.apply(xg, *leaves, groups, eps, act)
         mean, rstd = y.grad_fn.saved_tensors[-2:]
     else:
-        y, mean, rstd = group_norm_silu_op(xg, *leaves, groups, eps, silu, True)
+        y, mean, rstd = group_norm_silu_op(xg, *leaves, groups, eps, act, True)
     grads = torch.autograd.grad(y, [xg] + [t for t in leaves if t is not None], dy)
     return y.detach(), grads, mean, rstd
 
 
-def check_kernels(x, params, dy, groups, *, eps=1e-5, silu=True, chunks=None):
+def check_kernels(x, params, dy, groups, *, eps=1e-5, act=True, chunks=None):
     """Forward, saved statistics and all gradients (dparameters reduced in the kernels) against
     the oracle: through the autograd.Function, or with forced `chunks` through the host functions
     (the Function takes the default plan)."""
     p = [params[k] for k in PARAMS]
     if chunks is None:
-        y, got, mean, rstd = through_autograd("function", x, params, dy, groups, eps, silu)
+        y, got, mean, rstd = through_autograd("function", x, params, dy, groups, eps, act)
     else:
-        y, mean, rstd = triton_impl.forward(x, *p, groups, eps, silu, chunks)
-        grads = triton_impl.backward(dy, x, *p, mean, rstd, groups, silu, chunks)
+        y, mean, rstd = triton_impl.forward(x, *p, groups, eps, act, chunks)
+        grads = triton_impl.backward(dy, x, *p, mean, rstd, groups, act, chunks)
         assert [g is None for g in grads[1:]] == [t is None for t in p], "absent tensors get no gradient"
         got = [g for g in grads if g is not None]
-    want_y, want_grads = oracle_outputs(x, params, dy, groups, eps, silu)
+    want_y, want_grads = oracle_outputs(x, params, dy, groups, eps, act)
     tol = TOLERANCE[x.dtype]
     assert y.dtype == x.dtype, "output keeps x's dtype"
     assert y.stride() == got[0].stride() == triton_impl.dense_layout(x)[0].stride(), "x's memory format"
@@ -181,7 +181,7 @@ def test_kernels_match_float64_oracle(name, device):
 
 def test_identity_activation(device):
     x, params, dy, groups = make_inputs((2, 8, 4, 5), 4, seed=3, device=device)
-    check_kernels(x, params, dy, groups, silu=False)
+    check_kernels(x, params, dy, groups, act=False)
 
 
 def test_large_mean_is_hard_for_a_plain_float32_two_pass():
@@ -371,7 +371,7 @@ def test_kernels_compile_for_a_hopper_gpu(layout):
     unit_stride = "stride_c" if layout == "channels_last" else "stride_p"
     ones = dict(Cg=1, CB=1, S=1) if layout == "one_channel_per_group" else {}
     sizes = dict(BLOCK_C=8, BLOCK_P=256) if layout == "nchw" else dict(BLOCK_C=16, BLOCK_P=64)
-    flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+    flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, ACT=True)
     kernels = [(k.fwd_stats_kernel, {}), (k.bwd_reduce_kernel, flags)]
     if layout == "nchw":  # its [N, C] sums are laid out alike for every layout of x
         kernels.append((k.param_grads_kernel, dict(BLOCK_N=32, **flags)))

@@ -78,28 +78,31 @@ def check_layer(num_channels: int, num_groups: int, backend: str) -> None:
         require_triton()
 
 
-def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scale, shift, silu: bool,
+def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scale, shift, act: bool,
                               backend: str) -> torch.Tensor:
     """group_norm_silu without argument checks, for layers that ran `check_layer` when built."""
     if not use_triton(backend, x) or not x.numel():
-        return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, "silu" if silu else None)
+        return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, act)
     if torch.compiler.is_compiling():
-        return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, silu, True)[0]
-    return GroupNormSiLUFunction.apply(x, weight, bias, scale, shift, num_groups, eps, silu)
+        return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, act, True)[0]
+    return GroupNormSiLUFunction.apply(x, weight, bias, scale, shift, num_groups, eps, act)
 
 
-def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu", backend="auto"):
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True, backend="auto"):
     """y = act(GN(x; weight, bias) * (1 + scale[n, c]) + shift[n, c]), statistics in float32
     (float64 for a float64 x on the torch backend).
 
     x is [N, C, *spatial] of a floating dtype; weight and bias are optional [C] tensors, of x's
-    dtype or float32 (as F.group_norm takes them); `act` is "silu" or None; `scale`/`shift` are
-    optional [N, C] tensors; `backend`, the norm's implementation, is auto | triton | torch. The
+    dtype or float32 (as F.group_norm takes them); `act` is a bool, True for the SiLU; `scale`/`shift`
+    are optional [N, C] tensors; `backend`, the norm's implementation, is auto | triton | torch. The
     output has x's dtype (and memory format, on the Triton path). Bad arguments raise
-    ArgumentError (a ValueError and a RuntimeError) naming the argument.
+    ArgumentError (a ValueError and a RuntimeError) naming the argument, or a TypeError for a
+    num_groups that is not an int or an act that is not a bool.
+    act defaults to True here, the op being named for its SiLU, but to False on the norm layers
+    (model.norms), which are norms first: the U-Net's attention block takes its norm plain.
     """
     check_arguments(x, weight, bias, num_groups, scale, shift, act, backend)
-    return group_norm_silu_unchecked(x, weight, bias, num_groups, float(eps), scale, shift, act == "silu", backend)
+    return group_norm_silu_unchecked(x, weight, bias, num_groups, float(eps), scale, shift, act, backend)
 
 
 __all__ = [

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 BACKENDS = ("auto", "triton", "torch")  # the norm's implementations (runtime.backend), not torch.compile's
-ACTIVATIONS = ("silu", None)
 # A float16 or bfloat16 x may take float32 weight and bias (F.group_norm's mixed-dtype case).
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -28,6 +27,13 @@ class ArgumentError(ValueError, RuntimeError):
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def check_act(act) -> None:
+    """act is True (SiLU) or False (none), nothing else, as torch's bool flags are: a truthiness
+    test would take act="none" or "relu" for the SiLU without a word."""
+    if type(act) is not bool:
+        raise TypeError(f"act must be a bool (True: SiLU, False: no activation), got {type(act).__name__} {act!r}")
 
 
 def check_shape(shape: tuple[int, ...], num_groups: int) -> None:
@@ -53,11 +59,12 @@ def wrong_shape(name: str, got: tuple[int, ...], x_shape: tuple[int, ...]) -> Ar
 
 
 def check_arguments(x, weight, bias, num_groups, scale, shift, act, backend) -> None:
-    """Raise ArgumentError (TypeError for a num_groups that is not an int) unless group_norm_silu
-    can compute these arguments as F.group_norm would accept them."""
+    """Raise ArgumentError (TypeError for a num_groups that is not an int or an act that is not a
+    bool) unless group_norm_silu can compute these arguments as F.group_norm would accept them."""
     if type(num_groups) is not int:  # 2.0 == 2 as a cache key: checked outside the cache
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
-    _check_signature(_meta(x), num_groups, act, backend, _meta(weight), _meta(bias), _meta(scale), _meta(shift))
+    check_act(act)
+    _check_signature(_meta(x), num_groups, backend, _meta(weight), _meta(bias), _meta(scale), _meta(shift))
 
 
 def _meta(t: Optional[torch.Tensor]):
@@ -65,10 +72,8 @@ def _meta(t: Optional[torch.Tensor]):
 
 
 @functools.lru_cache(maxsize=512)
-def _check_signature(x, num_groups, act, backend, weight, bias, scale, shift) -> None:
+def _check_signature(x, num_groups, backend, weight, bias, scale, shift) -> None:
     check_backend(backend)
-    if act not in ACTIVATIONS:
-        raise ArgumentError(f"act must be 'silu' or None, got {act!r}")
     shape, dtype, device = x
     check_shape(shape, num_groups)
     if not dtype.is_floating_point:

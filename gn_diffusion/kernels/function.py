@@ -18,17 +18,17 @@ from . import triton_impl
 
 
 class GroupNormSiLUFunction(torch.autograd.Function):
-    """apply(x, weight, bias, scale, shift, num_groups, eps, silu) -> y; any of weight, bias,
+    """apply(x, weight, bias, scale, shift, num_groups, eps, act) -> y; any of weight, bias,
     scale and shift may be None. Saves x and the float32 [N, G] statistics for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool):
+    def forward(ctx, x, weight, bias, scale, shift, num_groups: int, eps: float, act: bool):
         prepared = triton_impl.prepare(x, weight, bias, scale, shift, num_groups)
-        y, mean, rstd = triton_impl.forward_prepared(prepared, eps, silu)
+        y, mean, rstd = triton_impl.forward_prepared(prepared, eps, act)
         # Its tensors go through save_for_backward, which refuses a backward after they were
         # modified in place; the rest is kept on ctx.
         ctx.save_for_backward(prepared.x, *prepared.params, mean, rstd)
-        ctx.prepared, ctx.silu = prepared._replace(x=None, params=None), silu
+        ctx.prepared, ctx.act = prepared._replace(x=None, params=None), act
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero tensor
         return y
 
@@ -47,7 +47,7 @@ def _backward(ctx, dy):
         return (None,) * 8
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     prepared = ctx.prepared._replace(x=x, params=(weight, bias, scale, shift))
-    grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.silu)
+    grads = triton_impl.backward_prepared(prepared, dy, mean, rstd, ctx.act)
     return (*grads, None, None, None)
 
 

@@ -31,17 +31,17 @@ def _grads_or_empty(grads, like: Tensor) -> list[Tensor]:
 @torch.library.custom_op("gn_diffusion::group_norm_silu", mutates_args=())
 def group_norm_silu_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
-    shift: Optional[Tensor], num_groups: int, eps: float, silu: bool, use_triton: bool,
+    shift: Optional[Tensor], num_groups: int, eps: float, act: bool, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton:
-        return triton_impl.forward(x, weight, bias, scale, shift, num_groups, eps, silu)
-    y = group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, "silu" if silu else None)
+        return triton_impl.forward(x, weight, bias, scale, shift, num_groups, eps, act)
+    y = group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, act)
     mean, rstd = group_statistics(x, num_groups, eps)
     return _layout_like(x).copy_(y), mean, rstd
 
 
 @group_norm_silu_op.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, silu, use_triton):
+def _(x, weight, bias, scale, shift, num_groups, eps, act, use_triton):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return _layout_like(x), stats, torch.empty_like(stats)
 
@@ -49,28 +49,28 @@ def _(x, weight, bias, scale, shift, num_groups, eps, silu, use_triton):
 @torch.library.custom_op("gn_diffusion::group_norm_silu_backward", mutates_args=())
 def group_norm_silu_backward_op(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
-    shift: Optional[Tensor], mean: Tensor, rstd: Tensor, num_groups: int, eps: float, silu: bool,
+    shift: Optional[Tensor], mean: Tensor, rstd: Tensor, num_groups: int, eps: float, act: bool,
     use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if use_triton:
-        dx, *grads = triton_impl.backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu)
+        dx, *grads = triton_impl.backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
     else:
-        dx, *grads = group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps, scale, shift, silu)
+        dx, *grads = group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps, scale, shift, act)
         dx = _layout_like(x).copy_(dx)
     return (dx, *_grads_or_empty(grads, x))
 
 
 @group_norm_silu_backward_op.register_fake
-def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu, use_triton):
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, use_triton):
     grads = [None if t is None else torch.empty_like(t) for t in (weight, bias, scale, shift)]
     return (_layout_like(x), *_grads_or_empty(grads, x))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, silu, use_triton = inputs
+    x, weight, bias, scale, shift, num_groups, eps, act, use_triton = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.options = (num_groups, eps, silu, use_triton)
+    ctx.options = (num_groups, eps, act, use_triton)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # mean and rstd get no gradient: do not zero-fill one
 

@@ -7,15 +7,16 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .arguments import check_act
 
-def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):
-    if act not in ("silu", None):
-        raise ValueError(f"act must be 'silu' or None, got {act!r}")
+
+def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True):
+    check_act(act)
     # Opening an autocast context costs host time on every call; only do it when one is active.
     outside = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
     with outside:
         h = _normalized(x, num_groups, weight, bias, eps, scale, shift)
-        if act == "silu":
+        if act:
             h = F.silu(h)
     return h.to(x.dtype)
 
@@ -85,7 +86,7 @@ def group_statistics(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torc
 
 
 def group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None,
-                                       silu=True):
+                                       act=True):
     """(dx, dweight, dbias, dscale, dshift) of the reference in closed form, float32 throughout
     (the custom op's reference backward: autograd does not run inside an op's implementation)."""
     n, c = x.shape[:2]
@@ -96,7 +97,7 @@ def group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps=1e-5
     # [C, 1] or [N, C, 1], against the [N, C, HW] view of x
     gamma, beta = _adagn_affine(*(None if t is None else t.float()[..., None] for t in (weight, bias, scale, shift)))
     dz = dy.float().reshape(n, c, -1)
-    if silu:
+    if act:
         z = xhat if gamma is None else xhat * gamma
         z = z if beta is None else z + beta
         sig = torch.sigmoid(z)

@@ -211,18 +211,18 @@ class Launch:
     options: dict = field(default_factory=dict, compare=False)  # see kernel_options
 
 
-def kernel_options(launch: Launch, kernel: str, silu: bool, present: tuple[bool, ...]) -> dict:
+def kernel_options(launch: Launch, kernel: str, act: bool, present: tuple[bool, ...]) -> dict:
     """The keyword arguments of one kernel's launch (tiles, compile-time flags), built once per
     launch, activation and set of present tensors, then reused by every call."""
-    per_kernel = launch.options.get((silu, present))
+    per_kernel = launch.options.get((act, present))
     if per_kernel is None:
         launch_plan = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
-        per_kernel = launch.options[silu, present] = {
-            "fwd_apply": dict(BLOCK_K=_pow2(launch_plan.chunks), FUSED=launch_plan.fused, SILU=silu, **launch.tile,
+        per_kernel = launch.options[act, present] = {
+            "fwd_apply": dict(BLOCK_K=_pow2(launch_plan.chunks), FUSED=launch_plan.fused, ACT=act, **launch.tile,
                               **flags),
-            "bwd_reduce": dict(SILU=silu, **launch.tile, **flags),
-            "bwd_dx": dict(BLOCK_S=_pow2(launch_plan.splits), FUSED=launch_plan.fused, SILU=silu, **launch.tile, **flags),
+            "bwd_reduce": dict(ACT=act, **launch.tile, **flags),
+            "bwd_dx": dict(BLOCK_S=_pow2(launch_plan.splits), FUSED=launch_plan.fused, ACT=act, **launch.tile, **flags),
             "param_grads": dict(**launch.param_tile, **flags),
         }
     return per_kernel[kernel]
@@ -317,13 +317,13 @@ def _pointers(x, params) -> list[torch.Tensor]:
     return [t if t is not None else x for t in params]
 
 
-def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, silu: bool,
+def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, act: bool,
             chunks: Optional[int] = None):
     """(y, mean, rstd): mean is float32 [N, G] of x minus each group's first element."""
-    return forward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), eps, silu)
+    return forward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), eps, act)
 
 
-def forward_prepared(prepared: Prepared, eps: float, silu: bool):
+def forward_prepared(prepared: Prepared, eps: float, act: bool):
     k, x, launch, sizes = prepared.kernels, prepared.x, prepared.launch, prepared.sizes
     ptrs = _pointers(x, prepared.params)
     y = new_output(x)
@@ -335,18 +335,18 @@ def forward_prepared(prepared: Prepared, eps: float, silu: bool):
         ws = [torch.empty(launch.grid, dtype=torch.float32, device=x.device) for _ in range(3)]
         k.fwd_stats_kernel[launch.grid](x, *ws, *sizes, **launch.tile)
     k.fwd_apply_kernel[launch.grid](x, y, *ptrs, mean, rstd, *ws, *sizes, eps,
-                                    **kernel_options(launch, "fwd_apply", silu, prepared.present))
+                                    **kernel_options(launch, "fwd_apply", act, prepared.present))
     return y, mean, rstd
 
 
-def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, silu: bool,
+def backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, act: bool,
              chunks: Optional[int] = None):
     """(dx, dweight, dbias, dscale, dshift), all reduced by the kernels; the gradient of an absent
     tensor is None."""
-    return backward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), dy, mean, rstd, silu)
+    return backward_prepared(prepare(x, weight, bias, scale, shift, num_groups, chunks), dy, mean, rstd, act)
 
 
-def backward_prepared(prepared: Prepared, dy, mean, rstd, silu: bool):
+def backward_prepared(prepared: Prepared, dy, mean, rstd, act: bool):
     k, x, launch, sizes, present = prepared.kernels, prepared.x, prepared.launch, prepared.sizes, prepared.present
     ptrs = _pointers(x, prepared.params)
     dy = match_layout(dy, x)
@@ -358,9 +358,9 @@ def backward_prepared(prepared: Prepared, dy, mean, rstd, silu: bool):
     else:
         ws = [torch.empty(sg.numel() * launch.plan.splits, dtype=torch.float32, device=x.device) for _ in range(2)]
         k.bwd_reduce_kernel[launch.grid](x, dy, *ptrs, mean, rstd, *ws, *sizes,
-                                         **kernel_options(launch, "bwd_reduce", silu, present))
+                                         **kernel_options(launch, "bwd_reduce", act, present))
     k.bwd_dx_kernel[launch.grid](x, dy, dx, *ptrs, mean, rstd, *ws, sg, sgx, *sizes,
-                                 **kernel_options(launch, "bwd_dx", silu, present))
+                                 **kernel_options(launch, "bwd_dx", act, present))
     if not any(present):
         return dx, None, None, None, None
     return (dx, *_parameter_grads(k, launch, sg, sgx, prepared.params, ptrs, sizes.stride_s, present))

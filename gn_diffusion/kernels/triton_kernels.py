@@ -162,10 +162,10 @@ def _folded_affine(w_ptr, b_ptr, scale_ptr, shift_ptr, group, G, Cg, c0, stride_
 
 
 @triton.jit
-def _act_grad(a, b, d, dy, SILU: tl.constexpr):
+def _act_grad(a, b, d, dy, ACT: tl.constexpr):
     """dL/dz from dL/dy at z = a * d + b."""
     g = dy
-    if SILU:
+    if ACT:
         z = a[:, None] * d + b[:, None]
         sig = _sigmoid(z)
         g = dy * sig * (1.0 + z * (1.0 - sig))
@@ -174,7 +174,7 @@ def _act_grad(a, b, d, dy, SILU: tl.constexpr):
 
 @triton.jit
 def _grad_sums(x_ptr, dy_ptr, base, x0, a, b, mean, rstd, c0, c_hi, p_lo, p_hi, stride_c, stride_p,
-               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SILU: tl.constexpr):
+               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr):
     """Per channel of one channel block: sum of dz and of dz * xhat over [p_lo, p_hi)."""
     acc_g = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
     acc_gx = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
@@ -182,7 +182,7 @@ def _grad_sums(x_ptr, dy_ptr, base, x0, a, b, mean, rstd, c0, c_hi, p_lo, p_hi, 
         offs, mask = _tile(base, c0, c_hi, p0, p_hi, stride_c, stride_p, BLOCK_C, BLOCK_P)
         d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - x0
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _act_grad(a, b, d, dy, SILU)  # zero where masked, since dy is
+        g = _act_grad(a, b, d, dy, ACT)  # zero where masked, since dy is
         acc_g += g
         acc_gx += g * ((d - mean) * rstd)
     return _sum(acc_g, axis=1), _sum(acc_gx, axis=1)
@@ -208,7 +208,7 @@ def fwd_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_out,
                      CB, S, PPS, eps,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, FUSED: tl.constexpr,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+                     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr):
     """y = act(a * d + b) for one chunk; the statistics come from the workspace, or (FUSED) from
     this program's own pass over its group."""
     pid = tl.program_id(0)
@@ -238,7 +238,7 @@ def fwd_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_out,
             offs, mask = _tile(base, c0, c_hi, p0, p_hi, stride_c, stride_p, BLOCK_C, BLOCK_P)
             d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - x0
             z = a[:, None] * d + b[:, None]
-            if SILU:
+            if ACT:
                 z = z * _sigmoid(z)
             tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -248,7 +248,7 @@ def bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_pt
                       G, Cg, HW, stride_n, stride_c, stride_p, stride_s, stride_t, CB, S, PPS,
                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+                      HAS_SHIFT: tl.constexpr, ACT: tl.constexpr):
     """Split path, pass 1: per-channel partial sums of dz and dz * xhat into workspace [N * C, S]."""
     pid = tl.program_id(0)
     group, chunk = _group_and_chunk(pid, CB, S, False)
@@ -260,7 +260,7 @@ def bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_pt
                                             stride_s, stride_t, mean, rstd,
                                             BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
     sg, sgx = _grad_sums(x_ptr, dy_ptr, base, x0, a, b, mean, rstd, c_lo, c_hi, p_lo, p_hi,
-                         stride_c, stride_p, BLOCK_C, BLOCK_P, SILU)
+                         stride_c, stride_p, BLOCK_C, BLOCK_P, ACT)
     slot = (group * Cg + cs) * S + chunk % S
     tl.store(sg_ptr + slot, sg, mask=cmask)
     tl.store(sgx_ptr + slot, sgx, mask=cmask)
@@ -272,7 +272,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mea
                   G, Cg, HW, stride_n, stride_c, stride_p, stride_s, stride_t, CB, S, PPS,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, FUSED: tl.constexpr,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+                  HAS_SHIFT: tl.constexpr, ACT: tl.constexpr):
     """dx for one chunk. The group's per-channel sums of dz and dz * xhat come from the workspace,
     or (FUSED) from this program's own first pass; the owner of each channel block writes them to
     [N, C] sums, from which `param_grads_kernel` derives the parameter gradients."""
@@ -291,7 +291,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mea
                                                 BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         if FUSED:
             sg, sgx = _grad_sums(x_ptr, dy_ptr, base, x0, a, b, mean, rstd, c0, Cg, 0, HW,
-                                 stride_c, stride_p, BLOCK_C, BLOCK_P, SILU)
+                                 stride_c, stride_p, BLOCK_C, BLOCK_P, ACT)
         else:
             k = tl.arange(0, BLOCK_S)
             slots = (group * Cg + cs)[:, None] * S + k[None, :]
@@ -319,7 +319,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mea
             offs, mask = _tile(base, c0, c_hi, p0, p_hi, stride_c, stride_p, BLOCK_C, BLOCK_P)
             d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - x0
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = _act_grad(a, b, d, dy, SILU)
+            g = _act_grad(a, b, d, dy, ACT)
             dx = a[:, None] * g + e * d + f
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
