@@ -20,7 +20,7 @@ def test_the_logged_loss_is_the_mean_of_the_finite_losses():
 
 def session_with(weight: torch.Tensor, average: torch.Tensor):
     ema = SimpleNamespace(state_dict=lambda: {"w": average, "steps": torch.tensor(3)})
-    return SimpleNamespace(step=SimpleNamespace(params=[weight], ema=ema))
+    return SimpleNamespace(train_step=SimpleNamespace(params=[weight], ema=ema))
 
 
 @pytest.mark.parametrize("bad", ["weights", "average"])
