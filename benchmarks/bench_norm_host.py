@@ -9,12 +9,12 @@ AdaGN and SiLU plus a backward into x, weight, bias, scale and shift:
 
 - **layer**: `GroupNorm32(backend="triton")` in eager mode (the `autograd.Function` path);
 - **custom op**: the `gn_diffusion::group_norm_silu` op that torch.compile traces, called eagerly;
-- **torch**: `GroupNorm32(backend="torch")`, the PyTorch reference (its own ops, no Triton);
+- **torch**: `GroupNorm32(backend="torch")`, the PyTorch path (its own ops, no Triton);
 - **floor**: an autograd.Function with the same inputs that only allocates its output and
   gradients: what autograd itself costs per call, which no norm implementation can go below.
 
 On the CPU every Triton kernel's launch is replaced by a no-op (under TRITON_INTERPRET=1), so
-only host Python is timed; the torch reference still computes, on a shape small enough that its
+only host Python is timed; the torch path still computes, on a shape small enough that its
 time is dispatch. On CUDA the kernels run for real on a small shape, so the wall clock of a
 stream of calls is still the host's. Results go to results/norm_host_us-<device>.json and .md.
 
@@ -108,7 +108,7 @@ def variants(x, emb, dy, layers, chain: int) -> dict[str, Callable[[], None]]:
         return group_norm_silu_op(h, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, True, True)[0]
 
     return {"layer (autograd.Function)": layer("triton"), "custom op": through(custom_op),
-            "torch reference": layer("torch"),
+            "torch": layer("torch"),
             "floor (no-op autograd.Function)": through(lambda h, scale, shift: NoOp.apply(h, norm.weight, norm.bias,
                                                                                          scale, shift))}
 

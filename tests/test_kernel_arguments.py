@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gn_diffusion.kernels import ArgumentError, group_norm_silu, group_norm_silu_reference, triton_impl
+from gn_diffusion.kernels import ArgumentError, group_norm_silu, group_norm_silu_torch, triton_impl
 from gn_diffusion.kernels.ops import group_norm_silu_op
 from gn_diffusion.model.norms import GroupNorm32
 # Fixtures of test_kernels: Triton's interpreter and NaN in every fresh kernel output (autouse);
@@ -232,7 +232,7 @@ def test_act_is_a_bool_and_the_old_spellings_are_refused(backend):
         with pytest.raises(TypeError, match=r"act must be a bool \(True: SiLU, False: no activation\), got"):
             group_norm_silu(x, None, None, 2, act=act, backend=backend)
     with pytest.raises(TypeError, match="act must be a bool.*got str 'silu'"):
-        group_norm_silu_reference(x, None, None, 2, act="silu")
+        group_norm_silu_torch(x, None, None, 2, act="silu")
     assert torch.equal(group_norm_silu(x, None, None, 2, backend=backend),
                        group_norm_silu(x, None, None, 2, act=True, backend=backend))
 

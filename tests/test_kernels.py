@@ -243,7 +243,7 @@ def test_layer_checks_when_built_and_runs_the_function_in_eager_mode():
     assert all(t.grad is not None for t in (x, emb, norm.weight, norm.bias))
 
 
-@pytest.mark.parametrize("use_triton_kernels", [True, False], ids=["triton", "reference"])
+@pytest.mark.parametrize("use_triton_kernels", [True, False], ids=["triton", "torch"])
 def test_custom_op_gradients_and_registration(use_triton_kernels):
     x, params, dy, groups = make_inputs((2, 8, 4, 4), 2, seed=7)
     xg, *leaves = (t.clone().requires_grad_() for t in (x, *params.values()))
@@ -262,7 +262,7 @@ def test_public_function_on_cpu():
     p = params
     want = oracle(x.double(), p["weight"].double(), p["bias"].double(), groups, 1e-5,
                   p["scale"].double(), p["shift"].double(), True)
-    for backend in ("auto", "torch", "triton"):  # auto on a CPU tensor is the reference
+    for backend in ("auto", "torch", "triton"):  # auto on a CPU tensor is the PyTorch path
         y = group_norm_silu(x, p["weight"], p["bias"], groups, 1e-5, scale=p["scale"], shift=p["shift"],
                             backend=backend)
         assert relative_error(y, want) <= 1e-5, backend

@@ -1,16 +1,16 @@
 """Fused GroupNorm + AdaGN scale-shift + SiLU: `act(GN(x) * (1 + scale) + shift)`.
 
 A "backend" here is the norm's implementation (the `backend` argument, runtime.backend), never
-torch.compile's backend: "torch" is the PyTorch reference (plain autograd, the fast choice on the
+torch.compile's backend: "torch" is the PyTorch path (plain autograd, the fast choice on the
 CPU); "triton" is the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1); "auto" is Triton
-for CUDA tensors when Triton is installed, else the reference. `use_triton` is the one place that
+for CUDA tensors when Triton is installed, else the PyTorch path. `use_triton` is the one place that
 decides.
 
 Two entry points: `group_norm_silu` checks its arguments on every call as F.group_norm does (for
 external callers; see `arguments`); layers check theirs once with `check_layer` when built and
 then call `group_norm_silu_unchecked`. Either way the Triton path checks, per call, what keeps its
 kernels in bounds (see `triton_impl.prepare`), and an empty x (a zero-size dimension) is computed
-by the reference, which gives what F.group_norm gives.
+by the PyTorch path, which gives what F.group_norm gives.
 In eager mode the Triton path is a `torch.autograd.Function` (cheap on the host); under
 torch.compile it is the `gn_diffusion::group_norm_silu` custom op (one opaque graph node). Both
 run the same kernels and give the same bits.
@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from .arguments import BACKENDS, ArgumentError, check_arguments, check_backend
 from .function import GroupNormSiLUFunction
 from .ops import group_norm_silu_op
-from .reference import group_norm_silu_reference
+from .torch_impl import group_norm_silu_torch
 from .triton_impl import interpreter_enabled
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -82,7 +82,7 @@ def group_norm_silu_unchecked(x, weight, bias, num_groups: int, eps: float, scal
                               backend: str) -> torch.Tensor:
     """group_norm_silu without argument checks, for layers that ran `check_layer` when built."""
     if not use_triton(backend, x) or not x.numel():
-        return group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, act)
+        return group_norm_silu_torch(x, weight, bias, num_groups, eps, scale, shift, act)
     if torch.compiler.is_compiling():
         return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, eps, act, True)[0]
     return GroupNormSiLUFunction.apply(x, weight, bias, scale, shift, num_groups, eps, act)
@@ -106,6 +106,6 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
 
 
 __all__ = [
-    "BACKENDS", "ArgumentError", "check_layer", "group_norm_silu", "group_norm_silu_reference", "group_norm_silu_unchecked",
+    "BACKENDS", "ArgumentError", "check_layer", "group_norm_silu", "group_norm_silu_torch", "group_norm_silu_unchecked",
     "require_triton", "triton_unavailable_reason", "use_triton",
 ]

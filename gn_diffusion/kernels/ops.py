@@ -2,7 +2,7 @@
 
 `gn_diffusion::group_norm_silu` returns (y, mean, rstd) and `gn_diffusion::group_norm_silu_backward`
 the five gradients; each has a fake implementation for tracing. The op's `use_triton` argument
-picks the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) or the PyTorch reference, on
+picks the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) or the PyTorch path, on
 any device. Eager calls take `function.GroupNormSiLUFunction` instead, which is cheaper on the
 host; the op is what torch.compile sees.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import triton_impl
-from .reference import group_norm_silu_reference, group_norm_silu_reference_backward, group_statistics
+from .torch_impl import group_norm_silu_torch, group_norm_silu_torch_backward, group_statistics
 
 
 def _layout_like(x: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def group_norm_silu_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton:
         return triton_impl.forward(x, weight, bias, scale, shift, num_groups, eps, act)
-    y = group_norm_silu_reference(x, weight, bias, num_groups, eps, scale, shift, act)
+    y = group_norm_silu_torch(x, weight, bias, num_groups, eps, scale, shift, act)
     mean, rstd = group_statistics(x, num_groups, eps)
     return _layout_like(x).copy_(y), mean, rstd
 
@@ -55,7 +55,7 @@ def group_norm_silu_backward_op(
     if use_triton:
         dx, *grads = triton_impl.backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
     else:
-        dx, *grads = group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps, scale, shift, act)
+        dx, *grads = group_norm_silu_torch_backward(dy, x, weight, bias, num_groups, eps, scale, shift, act)
         dx = _layout_like(x).copy_(dx)
     return (dx, *_grads_or_empty(grads, x))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .arguments import check_act
 
 
-def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True):
+def group_norm_silu_torch(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True):
     check_act(act)
     # Opening an autocast context costs host time on every call; only do it when one is active.
     outside = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
@@ -85,10 +85,10 @@ def group_statistics(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torc
     return mean, torch.rsqrt(var + eps)
 
 
-def group_norm_silu_reference_backward(dy, x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None,
-                                       act=True):
-    """(dx, dweight, dbias, dscale, dshift) of the reference in closed form, float32 throughout
-    (the custom op's reference backward: autograd does not run inside an op's implementation)."""
+def group_norm_silu_torch_backward(dy, x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True):
+    """(dx, dweight, dbias, dscale, dshift) of group_norm_silu_torch in closed form, float32
+    throughout (the custom op's PyTorch backward: autograd does not run inside an op's
+    implementation)."""
     n, c = x.shape[:2]
     d = shifted_groups(x, num_groups)
     var, mean = torch.var_mean(d, dim=-1, correction=0, keepdim=True)
