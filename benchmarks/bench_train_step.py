@@ -58,7 +58,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def contender_plan(args, device) -> list[tuple[str, str, str]]:
+def contenders_of(args, device) -> list[tuple[str, str, str]]:
     """(name, config, backend) of every contender in a cell; the diffusers ones last (the model
     comparison, then the example), so each block of ours is followed by theirs."""
     contenders = [(f"ours-{config}-{backend}", config, backend) for backend in args.backends for config in args.configs]
@@ -80,7 +80,7 @@ def run_cell(args, device, batch: int, compile_mode: str, channels_last: bool) -
     """Build, warm, then time every contender of one cell; one row each."""
     torch._dynamo.reset()  # a fresh, static-shape compile per cell, as a real run gets
     contenders, rows = [], []
-    for name, config, backend in contender_plan(args, device):
+    for name, config, backend in contenders_of(args, device):
         if compile_mode != "none" and any(name.startswith(s) for s in args.compile_skip):
             rows.append({"name": name, "skipped": "compile skipped (--compile-skip)"})
             continue

@@ -230,9 +230,9 @@ def loop_pair(threads: int, precision: str) -> tuple[Contender, Contender, Confi
     cfg = load_config("configs/digits.yaml", TINY_DIGITS + [
         "train.batch_size=2", f"train.output_dir={out}", f"train.mixed_precision='{precision}'",
         "runtime.cpu=true", f"runtime.cpu_threads={threads}", "runtime.backend=torch", "runtime.compile=none"])
-    plan = check_run(cfg)
-    bare_model = copy.deepcopy(plan.model)  # same weights, its own optimizer
-    session = start_session(plan)
+    checked = check_run(cfg)
+    bare_model = copy.deepcopy(checked.model)  # same weights, its own optimizer
+    session = start_session(checked)
     window, log_every = [], cfg.train.log_every
 
     def loop(i: int):

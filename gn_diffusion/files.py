@@ -269,7 +269,7 @@ class HeldLock:
         self.path, self._handle, self._made, self._before = path, handle, made, before
 
     def release(self, *, undo: bool = False) -> None:
-        """Let go. With `undo` (a refused plan) leave everything as found: the lock file back as
+        """Let go. With `undo` (a refused run) leave everything as found: the lock file back as
         it was (or removed, with the folders taking it made), so the refusal changes no byte."""
         if self._handle.closed:
             return

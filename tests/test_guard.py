@@ -72,9 +72,9 @@ def test_too_many_skips_in_a_row_stop_the_run_with_the_good_checkpoints_and_mode
 def scaled_session(tmp_path, scaler):
     """A session stepping through `scaler` as accelerate's fp16 does on a GPU (on the CPU
     accelerate makes none; the step's code path is the same)."""
-    plan = check_run(tiny_config(tmp_path / "run", *BN))
-    plan.accelerator.scaler = scaler
-    return start_session(plan)
+    checked = check_run(tiny_config(tmp_path / "run", *BN))
+    checked.accelerator.scaler = scaler
+    return start_session(checked)
 
 
 def test_under_a_loss_scaler_its_overflow_skips_are_the_guards_skips(tmp_path, monkeypatch):

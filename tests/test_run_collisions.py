@@ -60,11 +60,11 @@ def test_a_locked_run_folder_is_refused_naming_the_holder_until_it_dies(run_dir,
     with pytest.raises(UserError, match="holds a run with other settings"):  # refused after taking the lock
         check_run(tiny_config(run_dir, "model.base_channels=32", "train.resume=auto"))
     assert snapshot(run_dir) == killed
-    plan = check_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))  # a killed holder holds nothing
+    checked = check_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))  # a killed holder holds nothing
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
     with pytest.raises(UserError, match=f"is in use by process {os.getpid()},"):
         check_run(tiny_config(run_dir, "train.max_steps=1", "train.resume=auto"))
-    plan.release()
+    checked.release()
     assert not (run_dir / ".lock").exists()
 
 
@@ -81,9 +81,9 @@ def test_overwrite_deletes_only_a_folder_whose_config_reads_as_a_run(tmp_path, c
                              f"{out} holds model and 1 more but no config.yaml of a run, so it is not a run", tmp_path)
     cfg = tiny_config(out, "train.max_steps=1", "train.overwrite=true")
     save_config(tiny_config(out, "model.base_channels=32"), out / "config.yaml")  # now it is a run: replaced
-    plan = check_run(cfg)
-    claim_output_dir(cfg, plan.listing)
-    plan.release()
+    checked = check_run(cfg)
+    claim_output_dir(cfg, checked.listing)
+    checked.release()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "data.json"]
 
 
