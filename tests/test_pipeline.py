@@ -5,6 +5,7 @@ train.init_from's loader."""
 import dataclasses
 import json
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,14 +18,14 @@ from gn_diffusion.config import save_config
 from gn_diffusion.diffusion.schedules import make_scheduler
 from gn_diffusion.diffusion.seeding import seeded_generator
 from gn_diffusion.errors import ConfigError, UserError
-from gn_diffusion.model.unet import build_unet
+from gn_diffusion.model.unet import GNUNet, build_unet
 from gn_diffusion.run_folder.layout import CHECKPOINT_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
 from gn_diffusion.run_folder.weights import init_weights_from
 from gn_diffusion.sample.checks import check_sampling
 from gn_diffusion.sample.command import sample_main
 from gn_diffusion.sample.generate import generate
 from gn_diffusion.sample.model_folder import export_model, load_model, model_dir
-from gn_diffusion.sample.pipeline import GNDDPMPipeline, GNPipeline, register_with_diffusers
+from gn_diffusion.sample.pipeline import OLD_UNET_MODULE, GNDDPMPipeline, GNPipeline, register_with_diffusers
 
 from conftest import random_model, tiny_config
 
@@ -90,6 +91,17 @@ def test_the_model_folder_is_a_diffusers_pipeline_folder(unconditional, conditio
     assert index["_class_name"] == "GNDDPMPipeline"
     assert json.loads((conditional / "model" / "model_index.json").read_text())["_class_name"] == "GNPipeline"
     assert not list(folder.parent.glob(".tmp-*")) and not list(folder.parent.glob(".old-*"))
+
+
+def test_an_export_made_before_the_layered_folders_loads_through_diffusers(conditional, tmp_path):
+    """Older exports name GNUNet's module gn_diffusion.unet in model_index.json."""
+    old = tmp_path / "old-model"
+    shutil.copytree(conditional / "model", old)
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps({**index, "unet": [OLD_UNET_MODULE, "GNUNet"]}))
+    with pipeline_loader_warnings():
+        pipe = DiffusionPipeline.from_pretrained(str(old))
+    assert isinstance(pipe, GNPipeline) and type(pipe.unet) is GNUNet
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])

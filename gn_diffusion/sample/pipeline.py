@@ -102,11 +102,21 @@ def pipeline_for(model: GNUNet, cfg) -> DiffusionPipeline:
     return cls(unet=model, scheduler=scheduler)
 
 
+# Where exports made before the package's folders were its layers say GNUNet lives.
+OLD_UNET_MODULE = "gn_diffusion.unet"
+
+
 def register_with_diffusers() -> None:
     """Put GNPipeline and GNDDPMPipeline on the diffusers module, where
-    DiffusionPipeline.from_pretrained looks a model_index.json's _class_name up. Called by
-    whoever loads an export through diffusers; idempotent."""
+    DiffusionPipeline.from_pretrained looks a model_index.json's _class_name up, and answer
+    the unet module name older exports give with ours, so they load too. Called by whoever
+    loads an export through diffusers; idempotent."""
+    import sys
+
     import diffusers
+
+    from ..model import unet
 
     for pipeline in (GNPipeline, GNDDPMPipeline):
         setattr(diffusers, pipeline.__name__, pipeline)
+    sys.modules.setdefault(OLD_UNET_MODULE, unet)
