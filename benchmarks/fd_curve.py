@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gn_diffusion.config import load_config  # noqa: E402
+from gn_diffusion.config import load_saved_config  # noqa: E402
 from gn_diffusion.evaluate.command import evaluation_config  # noqa: E402
 from gn_diffusion.evaluate.metric import evaluator_for  # noqa: E402
 from gn_diffusion.model.unet import build_unet  # noqa: E402
@@ -32,7 +32,7 @@ COLUMNS = ["step", "images_seen", "fd", "floor", "ratio", "accuracy", "seconds"]
 
 
 def score_checkpoints(run: Path, overrides: list[str]) -> list[dict]:
-    cfg = evaluation_config(load_config(RunLayout(run).config), overrides)
+    cfg = evaluation_config(load_saved_config(RunLayout(run).config), overrides)
     rows = []
     with cpu_threads(cfg.runtime.cpu_threads):
         evaluator = evaluator_for(cfg)

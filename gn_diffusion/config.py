@@ -11,7 +11,6 @@ the `runtime` section, which every command lets the user override.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -20,6 +19,7 @@ import yaml
 
 from .errors import ConfigError
 from .files import write_text_atomic
+from .old_keys import move_old_keys, new_name
 from .yaml_files import load_yaml, read_yaml_mapping
 from .typed import build_typed, non_negative, positive, quoted, seed_setting, setting, unit_interval
 
@@ -179,17 +179,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Keys that moved, read from older configs and command lines with a note naming the new key.
-MOVED = {
-    "model.kernels": "runtime.backend",
-    "train.cpu": "runtime.cpu",
-    "train.cpu_threads": "runtime.cpu_threads",
-    "train.sample_images": "train.sample_num_images",  # images to generate are num_images everywhere
-    "eval.num_samples": "eval.num_images",
-    "grid.reference_batch_size": "grid.base_batch_size",  # the ablation's grid; "reference" is the held-out images
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -225,9 +214,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A config file's settings, with older configs' moved keys under their new names."""
-    return move_old_keys(read_yaml_mapping(path))
+def read_yaml(path: Path, *, saved: bool = False) -> dict[str, Any]:
+    """A config file's settings, with older configs' moved keys under their new names (see
+    move_old_keys for `saved`)."""
+    return move_old_keys(read_yaml_mapping(path), saved=saved)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The config.yaml a run wrote in its run folder or model folder. Keys an older version saved
+    are read under their new names without a note, and retired ones dropped: they said how it
+    trained, not what the model is, and the run or model must stay usable."""
+    return config_from_dict(read_yaml(Path(path), saved=True))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -240,34 +237,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = load_yaml(text, f"override '{key}'") if text.strip() else None
     except yaml.YAMLError:
         value = text  # a plain string that YAML cannot read, such as 'a: b'
-    return _new_name(key), value
-
-
-def move_old_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Move the keys of MOVED to their new place in a nested dict (in place); returns `raw`.
-    Where both are given, the new key wins."""
-    for old, new in MOVED.items():
-        section, key = old.split(".")
-        values = raw.get(section)
-        if isinstance(values, dict) and key in values:
-            value = values.pop(key)
-            new_section, new_key = new.split(".")
-            target = raw.setdefault(new_section, {})
-            if isinstance(target, dict):
-                target.setdefault(new_key, value)
-            _note_moved(old)
-    return raw
-
-
-def _new_name(key: str) -> str:
-    if key in MOVED:
-        _note_moved(key)
-        return MOVED[key]
-    return key
-
-
-def _note_moved(old: str) -> None:
-    print(f"note: {old} is now {MOVED[old]}; read as {MOVED[old]}.", file=sys.stderr)
+    return new_name(key), value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

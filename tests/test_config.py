@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from gn_diffusion import Config, ConfigError, config_from_dict, load_config
-from gn_diffusion.config import DiffusionConfig, RuntimeConfig, SampleConfig
+from gn_diffusion.config import DiffusionConfig, RuntimeConfig, SampleConfig, TrainConfig, load_saved_config
 from gn_diffusion.cli import split_args
 from gn_diffusion.model.unet import check_model_config
 
@@ -159,6 +159,21 @@ def test_moved_keys_are_read_with_a_note_naming_the_new_key(tmp_path, capsys):
     assert load_config(None, ["train.cpu_threads=2"]).runtime.cpu_threads == 2
     assert "train.cpu_threads is now runtime.cpu_threads" in capsys.readouterr().err
     assert load_config(old, ["runtime.backend=auto"]).runtime.backend == "auto"  # the new key wins
+
+
+def test_a_retired_key_is_refused_where_written_and_dropped_from_a_saved_config(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"train.ema_decay is no longer a setting; .*train.ema_halflife_images"):
+        load_config(None, ["train.ema_decay=0.999"])
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  ema_decay: 0.999\n  ema_warmup: true\n  lr: 0.003\n")
+    with pytest.raises(ConfigError, match="train.ema_decay is no longer a setting"):
+        load_config(old)
+    cfg = load_saved_config(old)  # a run folder's or an older export's config.yaml
+    assert cfg.train.lr == 0.003 and cfg.train.ema_halflife_images == TrainConfig().ema_halflife_images
+    capsys.readouterr()
+    old.write_text("train:\n  ema_decay: 0.999\n  sample_images: 9\n")
+    assert load_saved_config(old).train.sample_num_images == 9
+    assert capsys.readouterr().err == ""  # nobody wrote that file by hand: no notes about it
 
 
 def test_the_old_image_count_names_are_read_as_num_images(tmp_path, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
 
 from gn_diffusion.config import save_config
@@ -91,6 +92,17 @@ def test_the_model_folder_is_a_diffusers_pipeline_folder(unconditional, conditio
     assert index["_class_name"] == "GNDDPMPipeline"
     assert json.loads((conditional / "model" / "model_index.json").read_text())["_class_name"] == "GNPipeline"
     assert not list(folder.parent.glob(".tmp-*")) and not list(folder.parent.glob(".old-*"))
+
+
+def test_an_export_whose_config_has_retired_keys_still_loads(conditional, tmp_path):
+    """Exports made before the EMA was a half-life in images saved train.ema_decay."""
+    old = tmp_path / "old-model"
+    shutil.copytree(conditional / "model", old)
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    saved["train"] = {**saved["train"], "ema_decay": 0.999, "ema_warmup": True}
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    model, cfg = load_model(old)
+    assert cfg.model == load_model(conditional)[1].model and isinstance(model, GNUNet)
 
 
 def test_an_export_made_before_the_layered_folders_loads_through_diffusers(conditional, tmp_path):

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ..config import Config, EvalConfig, apply_overrides, config_from_dict, move_old_keys, read_yaml
+from ..config import Config, EvalConfig, apply_overrides, config_from_dict, read_yaml
+from ..old_keys import move_old_keys
 from ..errors import ConfigError
 from ..model.norms import check_norm_name, norm_uses_groups
 from ..model.unet import check_model_config

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 
 from ..cli import run_settings
-from ..config import Config, load_config
+from ..config import Config, load_saved_config
 from ..errors import UserError
 from ..files import check_writable, write_text_atomic
 from ..run_folder.layout import RunLayout
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     # before the run is read: a refused key is named whatever RUN_DIR holds
     check_changeable(overrides, SECTIONS, "evaluate")
     folder = model_dir(run_dir)  # looked up once: each look checks (and may repair) the model's swap
-    cfg = evaluation_config(load_config(folder / CONFIG_FILE), overrides)
+    cfg = evaluation_config(load_saved_config(folder / CONFIG_FILE), overrides)
     # Every check before the sampling, the long part: the report can be written, the sampling
     # settings work, the model loads and the extractor is built and scores the reference.
     refuse_writing_into(RunLayout(run_dir).evaluation, "wait for it to end, then evaluate it")

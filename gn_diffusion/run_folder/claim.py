@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, config_from_dict, read_yaml, save_config
+from ..config import Config, load_saved_config, save_config
 from ..data.sources import DataListing
 from ..errors import UserError, file_system_sentence
 from ..files import HeldLock, LockTaken, check_name_fits, lock_holder, take_lock, write_text_atomic
@@ -44,7 +44,7 @@ def read_run_config(output_dir: Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return config_from_dict(read_yaml(path))  # UTF-8, no YAML aliases, as every config is read
+        return load_saved_config(path)  # UTF-8, no YAML aliases, as every config is read
     except UserError:
         raise UserError(f"{path} is not a readable run config; move that folder away or set another train.output_dir.") from None
 

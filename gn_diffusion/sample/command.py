@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import Config, RuntimeConfig, load_config, parse_override, with_overrides
+from ..config import Config, RuntimeConfig, load_saved_config, parse_override, with_overrides
 from ..errors import ConfigError
 from ..run_folder.claim import refuse_writing_into
 from ..run_folder.layout import CONFIG_FILE, RunLayout
@@ -33,7 +33,7 @@ def config_here(run_cfg: Config, overrides: list[str]) -> Config:
 def sample_config(path: str | Path, overrides: list[str]) -> Config:
     """The config sample.py runs with: the model's, with `sample.*` and `runtime.*` overrides."""
     check_changeable(overrides, ("sample.", "runtime."), "sample.py")
-    return config_here(load_config(model_dir(path) / CONFIG_FILE), overrides)
+    return config_here(load_saved_config(model_dir(path) / CONFIG_FILE), overrides)
 
 
 def sample_main(path: str, overrides: list[str]) -> Path:

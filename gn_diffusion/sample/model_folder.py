@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import Config, RuntimeConfig, load_config, save_config
+from ..config import Config, RuntimeConfig, load_saved_config, save_config
 from ..errors import UserError
 from ..files import atomic_folder, lock_holder, restore_swapped
 from ..model.unet import GNUNet, build_unet
@@ -56,7 +56,7 @@ def load_model(path: str | Path, *, use_ema: bool = True,
     latest checkpoint are loaded instead.
     """
     folder = model_dir(path)
-    cfg = dataclasses.replace(load_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
+    cfg = dataclasses.replace(load_saved_config(folder / CONFIG_FILE), runtime=runtime or RuntimeConfig())
     model = build_unet(cfg.model, cfg.runtime)
     weights = exported_weights(folder)
     if not use_ema:
