@@ -174,7 +174,7 @@ def test_kernels_match_float64_oracle(name, device):
     if name.startswith("split"):
         n, c = shape[:2]
         cpu = torch.device("cpu")  # the plan the interpreter gets; a GPU splits small batches further
-        plan = triton_impl.plan(n * groups, c // groups, math.prod(shape[2:]), x.stride(1) == 1, cpu, chunks)
+        plan = triton_impl.launch_plan(n * groups, c // groups, math.prod(shape[2:]), x.stride(1) == 1, cpu, chunks)
         assert not plan.fused, "the case must reach the split path"
     check_kernels(x, params, dy, groups, chunks=chunks)
 
@@ -211,8 +211,8 @@ def test_split_path_is_deterministic_and_equals_fused(device):
 
 def test_default_plan_splits_small_batches_fuses_large_ones_and_is_cached_per_shape():
     cpu = torch.device("cpu")
-    small = triton_impl.plan(groups=2, cg=8, hw=64, channels_inner=False, device=cpu)
-    large = triton_impl.plan(groups=64, cg=8, hw=64, channels_inner=False, device=cpu)
+    small = triton_impl.launch_plan(groups=2, cg=8, hw=64, channels_inner=False, device=cpu)
+    large = triton_impl.launch_plan(groups=64, cg=8, hw=64, channels_inner=False, device=cpu)
     assert small.chunks > 1 and 2 * small.chunks >= triton_impl.CPU_PROGRAMS
     assert large.fused
     x, params, dy, groups = make_inputs((2, 8, 3, 3), 4, seed=2)

@@ -173,8 +173,8 @@ def _programs_to_fill(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.device,
-         chunks: Optional[int] = None) -> LaunchPlan:
+def launch_plan(groups: int, cg: int, hw: int, channels_inner: bool, device: torch.device,
+                chunks: Optional[int] = None) -> LaunchPlan:
     """The kernel launch plan: cut each group into chunks so that groups * chunks programs fill the device; one chunk per
     group when the groups alone do. `chunks` forces a target (tests use it to reach the split path)."""
     want = chunks if chunks is not None else _cdiv(_programs_to_fill(device), groups)
@@ -216,13 +216,13 @@ def kernel_options(launch: Launch, kernel: str, act: bool, present: tuple[bool, 
     launch, activation and set of present tensors, then reused by every call."""
     per_kernel = launch.options.get((act, present))
     if per_kernel is None:
-        launch_plan = launch.plan
+        planned = launch.plan
         flags = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), present))
         per_kernel = launch.options[act, present] = {
-            "fwd_apply": dict(BLOCK_K=_pow2(launch_plan.chunks), FUSED=launch_plan.fused, ACT=act, **launch.tile,
+            "fwd_apply": dict(BLOCK_K=_pow2(planned.chunks), FUSED=planned.fused, ACT=act, **launch.tile,
                               **flags),
             "bwd_reduce": dict(ACT=act, **launch.tile, **flags),
-            "bwd_dx": dict(BLOCK_S=_pow2(launch_plan.splits), FUSED=launch_plan.fused, ACT=act, **launch.tile, **flags),
+            "bwd_dx": dict(BLOCK_S=_pow2(planned.splits), FUSED=planned.fused, ACT=act, **launch.tile, **flags),
             "param_grads": dict(**launch.param_tile, **flags),
         }
     return per_kernel[kernel]
@@ -239,12 +239,12 @@ def launch_for(shape: tuple[int, ...], channels_last: bool, num_groups: int, dev
     n, c = shape[:2]
     cg, hw = c // num_groups, math.prod(shape[2:])
     strides = (hw * c, 1, c) if channels_last else (c * hw, hw, 1)
-    launch_plan = plan(n * num_groups, cg, hw, channels_last, device, chunks)
+    planned = launch_plan(n * num_groups, cg, hw, channels_last, device, chunks)
     param_c = min(PARAM_BLOCK_C, _pow2(c))
     return Launch(
-        plan=launch_plan, grid=(n * num_groups * launch_plan.chunks,), sizes=(num_groups, cg, hw, *strides),
-        chunking=(launch_plan.channel_blocks, launch_plan.splits, launch_plan.positions_per_split),
-        tile=dict(BLOCK_C=launch_plan.block_c, BLOCK_P=launch_plan.block_p, num_warps=launch_plan.num_warps),
+        plan=planned, grid=(n * num_groups * planned.chunks,), sizes=(num_groups, cg, hw, *strides),
+        chunking=(planned.channel_blocks, planned.splits, planned.positions_per_split),
+        tile=dict(BLOCK_C=planned.block_c, BLOCK_P=planned.block_p, num_warps=planned.num_warps),
         param_grid=(_cdiv(c, param_c),),
         param_tile=dict(BLOCK_N=min(_pow2(n), max(1, MAX_TILE // param_c)), BLOCK_C=param_c),
         channels=shape[1:2], rows=shape[:2],
