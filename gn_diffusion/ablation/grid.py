@@ -92,11 +92,12 @@ def load_ablation_config(path: str | Path, overrides: list[str] | tuple[str, ...
     return ab
 
 
-def ablation_from_dict(raw: dict[str, Any], *, note: bool = True) -> AblationConfig:
-    """A typed AblationConfig from a nested dict; keys that moved are read under their new names."""
-    _move_old_threads(raw, note)
+def ablation_from_dict(raw: dict[str, Any], *, saved: bool = False) -> AblationConfig:
+    """A typed AblationConfig from a nested dict; keys that moved are read under their new names
+    (silently, and retired ones dropped, in a config a sweep `saved`: see old_keys)."""
+    _move_old_threads(raw, note=not saved)
     if isinstance(raw.get("base"), dict):
-        move_old_keys(raw["base"])
+        move_old_keys(raw["base"], saved=saved)
     return build_typed(AblationConfig, raw, prefix="")
 
 

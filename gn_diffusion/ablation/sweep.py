@@ -282,6 +282,6 @@ def claim_folder(out: Path, ab: AblationConfig) -> None:
 
 def _saved_identity(path: Path) -> Optional[dict[str, Any]]:
     try:
-        return sweep_identity(ablation_from_dict(read_yaml(path), note=False))  # UTF-8, no aliases
+        return sweep_identity(ablation_from_dict(read_yaml(path, saved=True), saved=True))  # UTF-8, no aliases
     except ConfigError:
         return None
