@@ -25,7 +25,9 @@ from PIL import Image
 
 import gn_diffusion.files as files
 import gn_diffusion.sample.generate as generation
+import gn_diffusion.sample.command as sample_command
 import gn_diffusion.sample.output as sample_output
+import gn_diffusion.train.loop as training_loop
 from gn_diffusion.ablation import command as ablate
 from gn_diffusion.cli import run_cli
 from gn_diffusion.data.dataset import build_dataset, image_folder_arrays
@@ -40,10 +42,13 @@ DISK_FAILURES = {errno.EROFS: "is read-only", errno.ENOSPC: "is full", errno.EAC
 
 @pytest.fixture
 def no_sampling(monkeypatch):
-    """Sampling is the long part: a refusal must come before it."""
+    """Sampling is the long part: a refusal must come before it. Patched where each command
+    finds it: modules that imported it by name at load keep their own reference (and one first
+    imported under the patch would keep the refusal for good)."""
     def refuse(*args, **kwargs):
         raise AssertionError("sampled before every check had passed")
-    monkeypatch.setattr(generation, "generate", refuse)
+    for module in (generation, sample_command, training_loop):
+        monkeypatch.setattr(module, "generate", refuse)
 
 
 def failing_disk(monkeypatch, code):
